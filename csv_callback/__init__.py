@@ -1,0 +1,21 @@
+"""csv-callback: predict downstream benchmark scores from per-token probe losses while a model trains.
+
+Implements the Capability Salience Vector of Ge et al., ACL 2025 (arXiv:2506.13216).
+"""
+
+from .fit import fit_link, fit_salience
+from .losses import token_losses
+from .probe import ProbeMismatchError, ProbeSet, tokenizer_hash
+from .salience import SalienceVector, SigmoidLink
+
+__all__ = [
+    "ProbeMismatchError",
+    "ProbeSet",
+    "SalienceVector",
+    "SigmoidLink",
+    "fit_link",
+    "fit_salience",
+    "token_losses",
+    "tokenizer_hash",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,40 @@
+"""Input validation shared by the public entry points.
+
+Every check raises ``ValueError`` with a message that says what was wrong and how to fix it: the brief
+asks that bad input fails early and loudly, never by silent coercion.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def as_float_array(x: Any, name: str, ndim: int | tuple[int, ...], dtype: type = np.float64) -> np.ndarray:
+    """Convert a tensor / array-like to a finite numpy array of ``ndim`` dimensions.
+
+    Raises ValueError on a wrong number of dimensions, an empty array or any NaN/inf entry.
+    """
+    if isinstance(x, torch.Tensor):
+        x = x.detach().to("cpu", torch.float64 if dtype == np.float64 else torch.float32).numpy()
+    arr = np.asarray(x, dtype=dtype)
+    allowed = (ndim,) if isinstance(ndim, int) else ndim
+    if arr.ndim not in allowed:
+        raise ValueError(f"{name} must have {' or '.join(map(str, allowed))} dimension(s), got shape {arr.shape}.")
+    if arr.size == 0:
+        raise ValueError(f"{name} is empty (shape {arr.shape}); pass at least one value.")
+    require_finite(arr, name)
+    return arr
+
+
+def require_finite(arr: np.ndarray, name: str) -> None:
+    """Raise ValueError naming the first non-finite entry of ``arr``."""
+    bad = ~np.isfinite(arr)
+    if bad.any():
+        first = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(
+            f"{name} contains {int(bad.sum())} non-finite value(s) (NaN or inf), the first at index {first}; "
+            "drop or re-evaluate those checkpoints before fitting or predicting."
+        )
