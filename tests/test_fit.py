@@ -1,0 +1,116 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from csv_callback import ProbeMismatchError, ProbeSet, SalienceVector, SigmoidLink, fit_link, fit_salience
+from csv_callback.testing import synthetic_ladder
+
+
+@pytest.fixture(scope="module")
+def ladder():
+    return synthetic_ladder(n_tokens=2000, n_salient=40, seed=1)
+
+
+@pytest.fixture(scope="module")
+def fitted(ladder):
+    return fit_salience(ladder.losses, ladder.scores, groups=ladder.groups, answer_mask=ladder.salient, task="syn")
+
+
+def test_recovers_planted_salient_tokens(ladder, fitted):
+    w = fitted.weights
+    assert w.min() >= 0 and w.sum() == pytest.approx(1.0)
+    assert w[ladder.salient].sum() > 0.9  # 2% of the tokens carry > 90% of the weight
+    top = np.argsort(-w)[: ladder.salient.sum()]
+    assert ladder.salient[top].mean() > 0.9
+
+
+def test_beats_loss_averaging_on_held_out_mixtures(ladder, fitted):
+    report = fitted.fit_report
+    assert report["cv"] == "groups" and sorted(set(report["folds"])) == [0, 1, 2, 3]
+    mse = report["cv_mse"]
+    assert set(mse) == {"csv", "uniform", "label"}
+    assert mse["csv"] < 0.1 * mse["uniform"]
+    assert mse["csv"] < 1e-3
+    # the stored held-out predictions are the ones the errors were computed from
+    for method, pred in report["cv_pred"].items():
+        assert np.mean((np.array(pred) - ladder.scores) ** 2) == pytest.approx(mse[method])
+        assert np.mean(np.abs(np.array(pred) - ladder.scores)) == pytest.approx(report["cv_mae"][method])
+    lo, hi = fitted.loss_range
+    wl = fitted.weighted_loss(ladder.losses)
+    assert lo == pytest.approx(wl.min(), rel=1e-5) and hi == pytest.approx(wl.max(), rel=1e-5)
+
+
+def test_held_out_fold_predictions_are_honest(ladder):
+    """A fold's csv predictions come from a fit that never saw that fold's scores."""
+    scores = ladder.scores.copy()
+    held = ladder.groups == ladder.groups[0]
+    a = fit_salience(ladder.losses, scores, groups=ladder.groups)
+    scores[held] = np.clip(scores[held] + 0.3, 0, 1)  # change only the held-out fold's scores
+    b = fit_salience(ladder.losses, scores, groups=ladder.groups)
+    pa, pb = (np.array(v.fit_report["cv_pred"]["uniform"]) for v in (a, b))
+    assert np.allclose(pa[held], pb[held])
+    # csv may pick another strength for that fold, but its fits were trained without these scores too:
+    # the prediction changes only through the choice of strength made on the other folds
+    assert np.abs(np.array(b.fit_report["cv_pred"]["csv"])[held] - scores[held]).mean() > 0.1
+
+
+def test_probe_records_fingerprint_and_label_baseline(tokenizer):
+    probe = ProbeSet.concat([
+        ProbeSet.from_texts(["General text of the probe, with several tokens in it."], tokenizer, 64),
+        ProbeSet.from_pairs([("Two plus two is", " four"), ("The capital of France is", " Paris")], tokenizer, 64),
+    ])
+    rng = np.random.default_rng(0)
+    m = 12
+    losses = rng.uniform(1, 4, (m, probe.n_tokens)).astype(np.float32)
+    scores = 0.3 + 0.5 / (1 + np.exp(2 * (losses[:, probe.answer_mask.numpy()].mean(1) - 2.5)))
+    sv = fit_salience(torch.from_numpy(losses), torch.from_numpy(scores), probe=probe, task="qa")
+    assert sv.probe_fingerprint == probe.fingerprint and sv.tokenizer_hash == probe.tokenizer_hash
+    assert "label" in sv.fit_report["cv_mse"] and sv.fit_report["cv"] == "random"
+    sv.check_probe(probe)
+
+
+def test_fit_link_recovers_parameters():
+    true = SigmoidLink(lo=0.25, hi=0.85, k=4.0, L0=2.0)
+    L = np.linspace(0.5, 4.0, 60)
+    got = fit_link(L, true(L))
+    for name in ("lo", "hi", "k", "L0"):
+        assert getattr(got, name) == pytest.approx(getattr(true, name), rel=1e-4)
+    anchored = fit_link(L, true(L), anchor=(0.0, 1.0))
+    assert anchored.hi <= 1.0 and anchored(0.0) > got(0.0)
+
+
+@pytest.mark.parametrize(
+    "mutate, match",
+    [
+        (lambda X, y, g: (X[:, :5], y[:2], None), "one score per row"),
+        (lambda X, y, g: (X[:2], y[:2], None), "at least 3 checkpoints"),
+        (lambda X, y, g: (np.where(np.arange(X.shape[1]) == 3, np.nan, X), y, g), "non-finite"),
+        (lambda X, y, g: (X, np.where(np.arange(len(y)) == 0, np.inf, y), g), "non-finite"),
+        (lambda X, y, g: (X, y * 100, g), "pass fractions, not percentages"),
+        (lambda X, y, g: (X, y, ["one"] * len(y)), "single group"),
+        (lambda X, y, g: (X, y, g[:-1]), "one label per checkpoint"),
+        (lambda X, y, g: (X[0], y, g), "dimension"),
+    ],
+)
+def test_bad_input(ladder, mutate, match):
+    X, y, g = mutate(ladder.losses, ladder.scores, list(ladder.groups))
+    with pytest.raises(ValueError, match=match):
+        fit_salience(X, y, groups=g)
+
+
+def test_probe_and_mask_mismatch(ladder, tokenizer):
+    probe = ProbeSet.from_texts(["only a few tokens here"], tokenizer, 64)
+    with pytest.raises(ProbeMismatchError, match="different probe"):
+        fit_salience(ladder.losses, ladder.scores, probe=probe)
+    with pytest.raises(ValueError, match="answer_mask must be bool"):
+        fit_salience(ladder.losses, ladder.scores, answer_mask=np.ones(7, bool))
+
+
+def test_fitted_vector_round_trips_and_predicts_the_same(tmp_path, ladder, fitted):
+    fitted.save(tmp_path / "syn.safetensors")
+    back = SalienceVector.load(tmp_path / "syn.safetensors")
+    assert np.array_equal(back.predict(ladder.losses), fitted.predict(ladder.losses))
+    assert back.fit_report["cv_mse"] == fitted.fit_report["cv_mse"]
+    assert math.isfinite(back.fit_report["lam"])
