@@ -1,0 +1,355 @@
+"""csv-callback: build probes, collect losses from checkpoints, fit, predict and report, offline.
+
+Typical session::
+
+    csv-callback probe probe_texts.txt --tokenizer ./tok --out probe.safetensors
+    csv-callback collect runs/*/checkpoint-* --probe probe.safetensors --out losses/ --name-parts 2
+    csv-callback fit losses/ --task arc_easy --lmeval lm_eval_out/ --groups 're:^([^/]+)/' --out arc_easy.safetensors
+    csv-callback predict losses/ arc_easy.safetensors
+    csv-callback report arc_easy.safetensors --losses losses/ --tokenizer ./tok --out report/
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .probe import ProbeSet
+from .store import LossStore, LossTable, load_losses
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the console script; returns the exit code (2 for bad input, 130 when interrupted)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except (ValueError, FileNotFoundError) as e:
+        print(f"csv-callback {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"csv-callback {args.command}: interrupted; everything finished so far is saved, "
+              "re-run the same command to continue.", file=sys.stderr)
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="csv-callback", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("probe", help="build a probe set from texts or (context, continuation) pairs",
+                       description="Tokenize probe inputs into a ProbeSet (.safetensors). A .jsonl file holds one "
+                       "JSON object per line: {\"context\": ..., \"continuation\": ...} pairs (only the continuation "
+                       "is scored, as lm-eval-harness scores answers) or {\"text\": ...} texts. Any other file is "
+                       "plain text; blank lines separate texts. Several inputs are joined into one probe.")
+    s.add_argument("inputs", nargs="+", help="text, JSONL-of-texts or JSONL-of-pairs files")
+    s.add_argument("--tokenizer", required=True, help="local tokenizer directory (AutoTokenizer.from_pretrained)")
+    s.add_argument("--out", required=True, help="output .safetensors file")
+    s.add_argument("--max-length", type=int, default=1024, help="tokens per sequence (default 1024)")
+    s.add_argument("--text-field", default="text", help="JSON key of a text in JSONL input (default 'text')")
+    s.add_argument("--score-context", action="store_true", help="also score the context tokens of pairs")
+    s.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    s.set_defaults(func=cmd_probe)
+
+    s = sub.add_parser("collect", help="per-token probe losses of saved checkpoints into a loss store",
+                       description="Evaluate the probe on each checkpoint (a Hugging Face model directory, or a "
+                       "Lightning .ckpt file with --module) and store its per-token losses in OUT, the format of "
+                       "SalienceCallback(save_dir=...). Checkpoints already in OUT are skipped, so an interrupted "
+                       "run resumes where it stopped. Lightning checkpoints are read with torch.load("
+                       "weights_only=True) unless --trust-checkpoints.")
+    s.add_argument("checkpoints", nargs="+", help="HF model directories and/or Lightning .ckpt files")
+    s.add_argument("--out", required=True, help="loss store directory (created if missing)")
+    s.add_argument("--probe", help="probe .safetensors (default: the one already in --out)")
+    s.add_argument("--module", help="LightningModule class of .ckpt files, as package.module:ClassName")
+    s.add_argument("--trust-checkpoints", action="store_true",
+                   help="fully unpickle .ckpt files (runs code from the file: only for files you wrote)")
+    s.add_argument("--name-parts", type=int, default=1,
+                   help="name each checkpoint by its last N path components (default 1; e.g. 2 for run/step)")
+    s.add_argument("--batch-size", type=int, default=8, help="probe sequences per forward pass (default 8)")
+    s.add_argument("--device", default="auto", help="torch device; 'auto' is cuda when available, else cpu")
+    s.add_argument("--bf16", action="store_true", help="run the model in bfloat16 (losses stay float32)")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_collect)
+
+    s = sub.add_parser("fit", help="fit a salience vector from collected losses and benchmark scores",
+                       description="Fit a salience vector for one task from a loss store and the checkpoints' "
+                       "scores, from lm-eval-harness results files (--lmeval) or a CSV (--scores), and print the "
+                       "cross-validated error of csv vs uniform (loss averaging) vs label (answer-token loss).")
+    s.add_argument("losses", help="loss store directory (from collect or SalienceCallback(save_dir=...))")
+    s.add_argument("--task", required=True, help="task name (as in the lm-eval results)")
+    s.add_argument("--out", required=True, help="output vector .safetensors")
+    src = s.add_mutually_exclusive_group(required=True)
+    src.add_argument("--lmeval", nargs="+", metavar="PATH", help="lm-eval results_*.json files or output directories")
+    src.add_argument("--scores", metavar="CSV", help="CSV with columns checkpoint,score")
+    s.add_argument("--metric", default="acc", help="metric name (default acc)")
+    s.add_argument("--filter", default="none", help="lm-eval filter name (default none)")
+    s.add_argument("--mapping", metavar="CSV", help="CSV with columns model,checkpoint: lm-eval's model -> checkpoint")
+    s.add_argument("--score-column", default="score", help="score column of --scores (default score)")
+    s.add_argument("--groups", metavar="SPEC",
+                   help="held-out unit for cross-validation: 're:REGEX' (first capture group, or the match, of the "
+                   "checkpoint name) or 'col:NAME' (a column of --scores). Default: random folds over checkpoints")
+    s.add_argument("--folds", type=int, default=5, help="folds when there are many groups or none (default 5)")
+    s.add_argument("--seed", type=int, default=0, help="seed of random folds (default 0)")
+    s.set_defaults(func=cmd_fit)
+
+    s = sub.add_parser("predict", help="apply salience vectors to collected losses",
+                       description="Predicted scores of every checkpoint in a loss store, for each vector.")
+    s.add_argument("losses", help="loss store directory")
+    s.add_argument("vectors", nargs="+", help="salience vector .safetensors files")
+    s.add_argument("--json", action="store_true", help="print JSON records instead of a table")
+    s.set_defaults(func=cmd_predict)
+
+    s = sub.add_parser("report", help="HTML page + PNGs: cross-validation, fitted link, token salience",
+                       description="Write DIR/index.html (self-contained) and PNGs for a fitted vector: predicted vs "
+                       "actual under cross-validation per method, weighted loss -> score with the fitted link, and "
+                       "the probe text with each token's salience as colour.")
+    s.add_argument("vector", help="salience vector .safetensors (from fit)")
+    s.add_argument("--out", required=True, help="output directory")
+    s.add_argument("--losses", help="loss store: its probe and checkpoints are shown too")
+    s.add_argument("--probe", help="probe .safetensors (default: the loss store's)")
+    s.add_argument("--tokenizer", help="tokenizer directory, to show probe tokens as text (else as ids)")
+    s.add_argument("--top", type=int, default=12, help="probe sequences shown, most salient first (default 12)")
+    s.set_defaults(func=cmd_report)
+    return p
+
+
+# ---------------------------------------------------------------------- probe
+def cmd_probe(args: argparse.Namespace) -> int:
+    from transformers import AutoTokenizer
+
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise ValueError(f"{out} exists; pass --force to overwrite it (stores built on the old probe keep their copy).")
+    tok = AutoTokenizer.from_pretrained(args.tokenizer)
+    parts = []
+    for path in map(Path, args.inputs):
+        kind, items = _read_probe_input(path, args.text_field)
+        if kind == "pairs":
+            parts.append(ProbeSet.from_pairs(items, tok, max_length=args.max_length, score_context=args.score_context))
+        else:
+            parts.append(ProbeSet.from_texts(items, tok, max_length=args.max_length))
+    probe = ProbeSet.concat(parts)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    probe.save(out)
+    print(f"{out}: {probe.num_sequences} sequences, {probe.n_tokens} scored tokens "
+          f"({int(probe.answer_mask.sum())} answer tokens), fingerprint {probe.fingerprint}, "
+          f"tokenizer {probe.tokenizer_hash}")
+    return 0
+
+
+def _read_probe_input(path: Path, text_field: str) -> tuple[str, list]:
+    """``("pairs", [dict])`` or ``("texts", [str])`` from a JSONL or plain-text file."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such probe input file.")
+    if path.suffix != ".jsonl":
+        texts = [t.strip() for t in re.split(r"\n\s*\n", path.read_text()) if t.strip()]
+        return "texts", texts
+    records = []
+    for i, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}, line {i}: not JSON ({e}).") from None
+    is_pair = [isinstance(r, dict) and "context" in r and "continuation" in r for r in records]
+    if all(is_pair) and records:
+        return "pairs", records
+    if any(is_pair):
+        raise ValueError(f"{path} mixes pairs and texts; put pairs and texts in separate files.")
+    bad = [i for i, r in enumerate(records, start=1) if not isinstance(r, dict) or not isinstance(r.get(text_field), str)]
+    if bad:
+        raise ValueError(f"{path}: record {bad[0]} has no string field {text_field!r} and is not a "
+                         "context/continuation pair; pass --text-field.")
+    return "texts", [r[text_field] for r in records]
+
+
+# ---------------------------------------------------------------------- collect
+def cmd_collect(args: argparse.Namespace) -> int:
+    import torch
+
+    from .collect import check_tokenizers, collect, import_class, resolve_checkpoints
+
+    # Everything that can fail is checked before the store directory is created or a model is run.
+    checkpoints = resolve_checkpoints(args.checkpoints, name_parts=args.name_parts)
+    module_class = import_class(args.module) if args.module else None
+    if module_class is None and any(ck.kind == "lightning" for ck in checkpoints):
+        raise ValueError("Lightning .ckpt files need their LightningModule class: pass --module package.module:ClassName.")
+    out = Path(args.out)
+    if args.probe:
+        probe = ProbeSet.load(args.probe)
+    elif (out / "probe.safetensors").is_file():
+        probe = ProbeSet.load(out / "probe.safetensors")
+    else:
+        raise ValueError(f"{out} holds no probe yet; pass --probe probe.safetensors.")
+    check_tokenizers(checkpoints, probe)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else torch.device(args.device)
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    store = LossStore(out, probe)
+    skipped = sum(ck.name in store for ck in checkpoints)
+    done = collect(checkpoints, probe, store, device, dtype, batch_size=args.batch_size, module_class=module_class,
+                   trust_checkpoints=args.trust_checkpoints, progress=not args.no_progress)
+    print(f"{out}: collected {len(done)} checkpoint(s), skipped {skipped} already stored; probe {probe.fingerprint}, "
+          f"{probe.n_tokens} tokens, device {device}, {dtype}.")
+    return 0
+
+
+# ---------------------------------------------------------------------- fit
+def cmd_fit(args: argparse.Namespace) -> int:
+    from .fit import fit_salience
+    from .lmeval import read_mapping, scores_from_csv, scores_from_lmeval
+
+    store = LossStore(args.losses)
+    if store.fingerprint is None:
+        raise ValueError(f"{args.losses} is not a loss store (no probe.safetensors); run csv-callback collect first.")
+    probe = store.probe()
+    table = load_losses(args.losses, probe.fingerprint)
+    rows: list[dict[str, str]] | None = None
+    if args.lmeval:
+        mapping = read_mapping(args.mapping) if args.mapping else None
+        scores = scores_from_lmeval(args.lmeval, args.task, table.names, [e.get("path") for e in table.extra],
+                                    metric=args.metric, filter=args.filter, mapping=mapping)
+    else:
+        scores, rows = scores_from_csv(args.scores, args.score_column)
+    by_name = {s.checkpoint: s for s in scores}
+    unknown = sorted(set(by_name) - set(table.names))
+    if unknown:
+        raise ValueError(f"scores name checkpoint(s) {unknown[:5]} that are not in {args.losses} "
+                         f"(it has e.g. {table.names[:5]}); collect them or fix the names.")
+    keep = [i for i, name in enumerate(table.names) if name in by_name]
+    if len(keep) < len(table.names):
+        print(f"note: {len(table.names) - len(keep)} stored checkpoint(s) have no {args.task} score and are left out.",
+              file=sys.stderr)
+    X = _select_rows(table.losses, keep)
+    names = [table.names[i] for i in keep]
+    y = np.array([by_name[n].value for n in names])
+    groups = _groups(args.groups, names, rows) if args.groups else None
+    sv = fit_salience(X, y, groups=groups, probe=probe, task=args.task, metric=args.metric, n_folds=args.folds, seed=args.seed)
+    # What the report needs to redraw the fit without the scores' sources.
+    sv.fit_report.update(checkpoints=names, groups=None if groups is None else list(groups),
+                         weighted_loss=np.asarray(sv.weighted_loss(X)).tolist(),
+                         score_sources=[by_name[n].source for n in names])
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    sv.save(args.out)
+    print(f"{args.out}: {args.task} {args.metric} from {len(names)} checkpoints, probe {probe.fingerprint}, "
+          f"lambda {sv.fit_report['lam']:.3g}, {sv.fit_report['effective_tokens']:.0f} effective tokens of {sv.n_tokens}")
+    print(format_cv_table(sv.fit_report))
+    return 0
+
+
+def _select_rows(X: np.ndarray, keep: list[int]) -> np.ndarray:
+    """Rows ``keep`` (ascending) of X, compacted in place: no second copy of a matrix that can be gigabytes."""
+    if len(keep) == X.shape[0]:
+        return X
+    for dst, src in enumerate(keep):
+        if dst != src:
+            X[dst] = X[src]
+    return X[: len(keep)]
+
+
+def _groups(spec: str, names: list[str], rows: list[dict[str, str]] | None) -> list[str]:
+    """Group labels ``[m]`` from ``re:REGEX`` or ``col:NAME`` (see ``fit --help``)."""
+    kind, _, arg = spec.partition(":")
+    if kind == "re":
+        try:
+            pattern = re.compile(arg)
+        except re.error as e:
+            raise ValueError(f"--groups {spec!r}: bad regular expression ({e}).") from None
+        out = []
+        for n in names:
+            m = pattern.search(n)
+            if m is None:
+                raise ValueError(f"--groups {spec!r} does not match checkpoint {n!r}; every checkpoint needs a group.")
+            out.append(m.group(1) if pattern.groups else m.group(0))
+        return out
+    if kind == "col":
+        if rows is None:
+            raise ValueError("--groups col:NAME reads a column of --scores; with --lmeval use --groups re:REGEX.")
+        if arg not in rows[0]:
+            raise ValueError(f"--groups {spec!r}: --scores has no column {arg!r}; it has {sorted(rows[0])}.")
+        col = {r["checkpoint"]: r[arg] for r in rows}
+        return [col[n] for n in names]
+    raise ValueError(f"--groups must be 're:REGEX' or 'col:NAME', got {spec!r}.")
+
+
+def format_cv_table(report: dict[str, Any]) -> str:
+    """The cross-validation table of a fit report: one row per method, MSE and MAE, best MSE marked."""
+    mse, mae = report["cv_mse"], report["cv_mae"]
+    methods = [m for m in ("csv", "uniform", "label") if m in mse]
+    best = min(methods, key=mse.get)
+    lines = [f"cross-validation ({report['cv']} folds, {len(set(report['folds']))} folds, {report['n_checkpoints']} checkpoints)",
+             f"{'method':<10}{'MSE':>12}{'MAE':>10}"]
+    for method in methods:
+        lines.append(f"{method:<10}{mse[method]:>12.3g}{mae[method]:>10.3g}{'  <- best' if method == best else ''}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------- predict
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .salience import SalienceVector
+
+    vectors = [SalienceVector.load(v) for v in args.vectors]
+    table = load_losses(args.losses)
+    records = predictions(table, vectors)
+    if args.json:
+        print(json.dumps(records, indent=1))
+        return 0
+    tasks = [sv.task for sv in vectors]
+    print(f"{'checkpoint':<32}{'step':>8}" + "".join(f"{t[:18]:>20}" for t in tasks))
+    for i, name in enumerate(table.names):
+        row = [r for r in records if r["checkpoint"] == name]
+        cells = "".join(f"{r['pred']:>19.4f}{'*' if r['extrapolated'] else ' '}" for r in row)
+        print(f"{name[:31]:<32}{int(table.steps[i]):>8}{cells}")
+    if any(r["extrapolated"] for r in records):
+        print("* weighted loss outside the range seen in fitting: the prediction extrapolates.")
+    return 0
+
+
+def predictions(table: LossTable, vectors: Sequence[Any]) -> list[dict[str, Any]]:
+    """One record per (checkpoint, vector): predicted score, weighted loss, extrapolation flag."""
+    out = []
+    per_vector = []
+    for sv in vectors:
+        wl = np.asarray(sv.weighted_loss(table.losses, table.fingerprint))
+        per_vector.append((sv, wl, np.asarray(sv.link(wl)), np.asarray(sv.extrapolates(wl))))
+    for i, name in enumerate(table.names):
+        for sv, wl, pred, extra in per_vector:
+            out.append({"checkpoint": name, "step": int(table.steps[i]),
+                        "tokens_seen": None if np.isnan(table.tokens_seen[i]) else float(table.tokens_seen[i]),
+                        "task": sv.task, "metric": sv.metric, "pred": float(pred[i]),
+                        "weighted_loss": float(wl[i]), "extrapolated": bool(extra[i])})
+    return out
+
+
+# ---------------------------------------------------------------------- report
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+    from .salience import SalienceVector
+
+    sv = SalienceVector.load(args.vector)
+    probe = None
+    if args.probe:
+        probe = ProbeSet.load(args.probe)
+    elif args.losses:
+        probe = LossStore(args.losses).probe()
+    table = load_losses(args.losses, sv.probe_fingerprint or None) if args.losses else None
+    tokenizer = None
+    if args.tokenizer:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    index = write_report(sv, args.out, probe=probe, table=table, tokenizer=tokenizer, top=args.top)
+    print(f"{index}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,209 @@
+"""A self-contained HTML report (plus PNGs) of a fitted salience vector.
+
+Three views: predicted vs actual score under cross-validation for each method (``fit_report["cv_pred"]``),
+the weighted loss -> score curve with the fitted link, and the probe text with each token's salience as
+colour, so one can read which tokens carry the capability.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .probe import ProbeSet
+from .salience import SalienceVector
+from .store import LossTable
+
+_METHOD_COLOURS = {"csv": "#c0392b", "uniform": "#2c7fb8", "label": "#41ab5d"}
+
+
+def write_report(
+    sv: SalienceVector,
+    out_dir: str | os.PathLike,
+    probe: ProbeSet | None = None,
+    table: LossTable | None = None,
+    tokenizer: Any = None,
+    top: int = 12,
+) -> Path:
+    """Write ``out_dir/index.html`` and its PNGs; returns the HTML path.
+
+    Args:
+        sv: a vector from ``fit_salience`` (its ``fit_report`` supplies the cross-validation data; the
+            fit_report of ``csv-callback fit`` also carries each checkpoint's name and weighted loss).
+        probe: the vector's probe, for the salience text (skipped without it).
+        table: losses of more checkpoints (e.g. a whole run), drawn on the link curve as predictions.
+        tokenizer: decodes probe tokens; without it tokens are shown as ids.
+        top: how many probe sequences to show, most salient first.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on a training server
+
+    if probe is not None:
+        sv.check_probe(probe)
+    if not isinstance(top, int) or top < 1:
+        raise ValueError(f"top must be a positive int, got {top!r}.")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rep = sv.fit_report
+    figures = []
+    if "cv_pred" in rep and "scores" in rep:
+        figures.append(("Predicted vs actual under cross-validation", _save(_cv_figure(rep), out / "cv.png")))
+    figures.append(("Weighted loss to score: the fitted link", _save(_link_figure(sv, table), out / "link.png")))
+    figures.append(("Salience along the probe (weight relative to uniform)", _save(_weights_figure(sv), out / "weights.png")))
+
+    parts = [f"<h1>Salience vector: {html.escape(sv.task)} ({html.escape(sv.metric)})</h1>", _summary_html(sv)]
+    for title, png in figures:
+        data = base64.b64encode(png.read_bytes()).decode()
+        parts.append(f"<h2>{html.escape(title)}</h2><img alt='{html.escape(title)}' src='data:image/png;base64,{data}'>")
+    if probe is not None:
+        parts.append(_salience_text_html(sv, probe, tokenizer, top))
+    index = out / "index.html"
+    tmp = out / ".index.html.tmp"
+    tmp.write_text(_PAGE.format(title=html.escape(f"csv-callback: {sv.task}"), body="\n".join(parts)))
+    os.replace(tmp, index)
+    return index
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def _cv_figure(rep: dict[str, Any]):
+    import matplotlib.pyplot as plt
+
+    y = np.asarray(rep["scores"])
+    methods = [m for m in ("csv", "uniform", "label") if m in rep["cv_pred"]]
+    fig, axes = plt.subplots(1, len(methods), figsize=(4 * len(methods), 4), squeeze=False)
+    lo, hi = float(min(y.min(), *(min(rep["cv_pred"][m]) for m in methods))), float(max(y.max(), *(max(rep["cv_pred"][m]) for m in methods)))
+    pad = 0.05 * (hi - lo or 1.0)
+    groups = rep.get("groups")
+    for ax, m in zip(axes[0], methods):
+        pred = np.asarray(rep["cv_pred"][m])
+        if groups:
+            for g in sorted(set(groups)):
+                sel = np.array([x == g for x in groups])
+                ax.scatter(y[sel], pred[sel], s=18, label=str(g))
+            ax.legend(fontsize=7, title="held-out group", title_fontsize=7)
+        else:
+            ax.scatter(y, pred, s=18, color=_METHOD_COLOURS[m])
+        ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], color="grey", lw=0.8, ls="--")
+        ax.set(xlim=(lo - pad, hi + pad), ylim=(lo - pad, hi + pad), xlabel="actual score", ylabel="predicted (held out)",
+               title=f"{m}: MSE {rep['cv_mse'][m]:.3g}, MAE {rep['cv_mae'][m]:.3g}")
+    fig.tight_layout()
+    return fig
+
+
+def _link_figure(sv: SalienceVector, table: LossTable | None):
+    import matplotlib.pyplot as plt
+
+    rep = sv.fit_report
+    fig, ax = plt.subplots(figsize=(6, 4))
+    xs = []
+    if "weighted_loss" in rep and "scores" in rep:
+        xs += list(rep["weighted_loss"])
+        ax.scatter(rep["weighted_loss"], rep["scores"], s=20, color="black", label="fitted checkpoints (actual)", zorder=3)
+    if table is not None:
+        wl = np.asarray(sv.weighted_loss(table.losses, table.fingerprint))
+        xs += wl.tolist()
+        ax.scatter(wl, sv.link(wl), s=22, facecolors="none", edgecolors=_METHOD_COLOURS["csv"],
+                   label="stored checkpoints (predicted)", zorder=4)
+    lo, hi = sv.loss_range
+    if math.isfinite(lo) and math.isfinite(hi):
+        xs += [lo, hi]
+        for v in (lo, hi):
+            ax.axvline(v, color="grey", lw=0.8, ls=":")
+    if not xs:
+        xs = [sv.link.L0 - 2 / sv.link.k, sv.link.L0 + 2 / sv.link.k]
+    span = (max(xs) - min(xs)) or 1.0
+    grid = np.linspace(min(xs) - 0.15 * span, max(xs) + 0.15 * span, 200)
+    ax.plot(grid, sv.link(grid), color=_METHOD_COLOURS["csv"], label="fitted link")
+    ax.set(xlabel="salience-weighted loss (nats)", ylabel=f"{sv.task} {sv.metric}",
+           title="dotted lines: weighted-loss range seen in fitting")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def _weights_figure(sv: SalienceVector):
+    import matplotlib.pyplot as plt
+
+    rel = sv.weights * sv.n_tokens
+    fig, ax = plt.subplots(figsize=(8, 2.6))
+    ax.plot(np.arange(sv.n_tokens), rel, lw=0.6, color=_METHOD_COLOURS["csv"])
+    ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+    ax.set_yscale("log")
+    ax.set(xlabel="scored token (probe order)", ylabel="weight x n_tokens")
+    fig.tight_layout()
+    return fig
+
+
+def _summary_html(sv: SalienceVector) -> str:
+    rep = sv.fit_report
+    rows = [("task", sv.task), ("metric", sv.metric), ("probe fingerprint", sv.probe_fingerprint),
+            ("scored tokens", sv.n_tokens), ("weighted-loss range in fitting", f"{sv.loss_range[0]:.4g} .. {sv.loss_range[1]:.4g}"),
+            ("link", f"lo={sv.link.lo:.3g}, hi={sv.link.hi:.3g}, k={sv.link.k:.3g}, L0={sv.link.L0:.4g}")]
+    for key, label in (("n_checkpoints", "checkpoints fitted"), ("lam", "regularisation (lambda)"),
+                       ("effective_tokens", "effective tokens (exp entropy of w)")):
+        if key in rep:
+            rows.append((label, f"{rep[key]:.4g}" if isinstance(rep[key], float) else rep[key]))
+    out = "<table>" + "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows) + "</table>"
+    if "cv_mse" in rep:
+        out += "<h2>Cross-validated error</h2><table><tr><th>method</th><th>MSE</th><th>MAE</th></tr>"
+        for m, v in rep["cv_mse"].items():
+            out += f"<tr><td>{html.escape(m)}</td><td>{v:.4g}</td><td>{rep['cv_mae'][m]:.4g}</td></tr>"
+        out += f"</table><p>Folds: {html.escape(str(rep.get('cv', '?')))}.</p>"
+    return out
+
+
+def _salience_text_html(sv: SalienceVector, probe: ProbeSet, tokenizer: Any, top: int) -> str:
+    """The ``top`` sequences with the most salience mass, each scored token shaded by its weight."""
+    rel = sv.weights * sv.n_tokens
+    # Shade on a log scale: weight == uniform is blank, the vector's largest weight is full colour.
+    scale = math.log(max(float(rel.max()), 1.0 + 1e-9))
+    so = probe.score_offsets.tolist()
+    mass = np.add.reduceat(sv.weights, so[:-1]) if probe.num_sequences > 1 else np.array([1.0])
+    order = np.argsort(-mass, kind="stable")[:top]
+    blocks = []
+    for i in order:
+        ids, mask = probe.sequence(int(i))
+        k = so[i]
+        spans = []
+        for tid, scored in zip(ids.tolist(), mask.tolist()):
+            text = html.escape(tokenizer.decode([tid]) if tokenizer is not None else f"[{tid}]")
+            if not scored:
+                spans.append(f"<span class='ctx'>{text}</span>")
+                continue
+            r = rel[k]
+            alpha = min(1.0, max(0.0, math.log(r) / scale)) if r > 1.0 else 0.0
+            spans.append(f"<span style='background:rgba(192,57,43,{alpha:.2f})' title='w x n = {r:.3g}'>{text}</span>")
+            k += 1
+        blocks.append(f"<div class='seq'><div class='meta'>sequence {int(i)}: {100 * mass[i]:.1f}% of the salience</div>"
+                      f"<pre>{''.join(spans)}</pre></div>")
+    return ("<h2>Probe text by salience</h2><p>Shade: token weight relative to uniform (log scale, darkest = "
+            f"{rel.max():.3g}x uniform); grey text is context that is not scored. Showing {len(order)} of "
+            f"{probe.num_sequences} sequences, most salient first.</p>" + "".join(blocks))
+
+
+_PAGE = """<!doctype html>
+<html><head><meta charset="utf-8"><title>{title}</title>
+<style>
+body {{ font-family: sans-serif; max-width: 1100px; margin: 2em auto; color: #222; }}
+table {{ border-collapse: collapse; margin: 0.5em 0; }} th, td {{ border: 1px solid #ccc; padding: 3px 8px; text-align: left; }}
+img {{ max-width: 100%; }} pre {{ white-space: pre-wrap; font-size: 13px; line-height: 1.5; }}
+.ctx {{ color: #999; }} .seq {{ border-top: 1px solid #eee; }} .meta {{ font-size: 12px; color: #666; }}
+</style></head>
+<body>
+{body}
+</body></html>
+"""

@@ -1,0 +1,166 @@
+"""SalienceTrainerCallback with a real transformers.Trainer on a tiny GPT-2 (and a real offline W&B run)."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from transformers import EarlyStoppingCallback, Trainer, TrainingArguments
+
+from csv_callback import ProbeSet, SalienceVector, SigmoidLink, token_losses
+from csv_callback.hf import SalienceTrainerCallback
+from csv_callback.store import load_losses
+
+TASK = "rare"
+
+
+class Blocks(torch.utils.data.Dataset):
+    """Fixed-length blocks of the pydoc corpus as causal-LM examples."""
+
+    def __init__(self, ids: list[int], block: int = 32, n: int = 64, offset: int = 0):
+        self.items = [torch.tensor(ids[offset + i * block : offset + (i + 1) * block]) for i in range(n)]
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.items[i], "labels": self.items[i]}
+
+
+@pytest.fixture(scope="module")
+def setup(tokenizer, corpus):
+    ids = tokenizer("\n".join(corpus[:40]))["input_ids"]
+    # Continuations pydoc never contains: learning pydoc makes them less likely, so the predicted score
+    # falls as training goes on, which early stopping must catch.
+    probe = ProbeSet.from_pairs([("Value:", " QZXJ VKWQ"), ("Code", " ZZQX JXQV")], tokenizer, max_length=32)
+    vector = SalienceVector(weights=np.full(probe.n_tokens, 1 / probe.n_tokens), link=SigmoidLink(0.25, 0.9, 1.5, 6.5),
+                            task=TASK, probe_fingerprint=probe.fingerprint, tokenizer_hash=probe.tokenizer_hash,
+                            loss_range=(5.0, 8.0))
+    return Blocks(ids), Blocks(ids, n=8, offset=64 * 32), probe, vector
+
+
+def make_trainer(tmp_path, model, tokenizer, setup, callbacks, **kw):
+    train, evals, _, _ = setup
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "out"), max_steps=kw.pop("max_steps", 6), per_device_train_batch_size=8,
+        per_device_eval_batch_size=8, learning_rate=3e-3, eval_strategy="steps", eval_steps=2, save_strategy="steps",
+        save_steps=2, logging_steps=2, report_to=kw.pop("report_to", "none"), use_cpu=True, seed=0,
+        disable_tqdm=True, **kw,
+    )
+    return Trainer(model=model, args=args, train_dataset=train, eval_dataset=evals, processing_class=tokenizer,
+                   callbacks=callbacks)
+
+
+def test_predictions_in_eval_metrics_history_and_save_dir(tmp_path, model, tokenizer, setup):
+    _, _, probe, vector = setup
+    cb = SalienceTrainerCallback([vector], probe, batch_size=2, save_dir=tmp_path / "losses")
+    trainer = make_trainer(tmp_path, model, tokenizer, setup, [cb])
+    trainer.train()
+    evals = [h for h in trainer.state.log_history if "eval_loss" in h]
+    assert [h["step"] for h in evals] == [2, 4, 6]
+    for h in evals:
+        assert 0.25 <= h[f"eval_csv/{TASK}/pred"] <= 0.9
+        assert h["eval_csv/eval_seconds"] > 0 and h["eval_csv/nonfinite"] == 0.0
+    # The last logged prediction is the vector applied to the final model's probe losses.
+    losses = token_losses(trainer.model, probe)
+    assert evals[-1][f"eval_csv/{TASK}/pred"] == pytest.approx(vector.predict(losses.numpy()), abs=1e-6)
+    assert evals[-1]["eval_csv/probe_mean_loss"] == pytest.approx(float(losses.double().mean()), abs=1e-6)
+    # A manual evaluate() returns them too.
+    metrics = trainer.evaluate()
+    assert metrics[f"eval_csv/{TASK}/pred"] == pytest.approx(evals[-1][f"eval_csv/{TASK}/pred"], abs=1e-6)
+    # save_dir is a loss store, readable by the CLI's fit/predict.
+    table = load_losses(tmp_path / "losses", probe.fingerprint)
+    assert table.names == ["step=2", "step=4", "step=6"] and table.steps.tolist() == [2, 4, 6]
+    np.testing.assert_allclose(table.losses[-1], losses.numpy(), atol=1e-6)
+
+
+def test_early_stopping_and_best_model_on_predicted_score(tmp_path, model, tokenizer, setup):
+    _, _, probe, vector = setup
+    cb = SalienceTrainerCallback([vector], probe)
+    trainer = make_trainer(tmp_path, model, tokenizer, setup, [cb, EarlyStoppingCallback(early_stopping_patience=1)],
+                           max_steps=40, metric_for_best_model=f"csv/{TASK}/pred", greater_is_better=True,
+                           load_best_model_at_end=True)
+    trainer.train()
+    preds = {h["step"]: h[f"eval_csv/{TASK}/pred"] for h in trainer.state.log_history if "eval_loss" in h}
+    assert preds[4] < preds[2]  # the predicted score fell ...
+    assert trainer.state.global_step == 4  # ... so training stopped after one evaluation without improvement
+    assert trainer.state.best_metric == pytest.approx(preds[2])
+    assert trainer.state.best_model_checkpoint.endswith("checkpoint-2")
+    # load_best_model_at_end restored the step-2 weights: their prediction is the best one.
+    assert vector.predict(token_losses(trainer.model, probe).numpy()) == pytest.approx(preds[2], abs=1e-6)
+
+
+def test_attached_callback_reaches_wandb(tmp_path, model, tokenizer, setup, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_PROJECT", "csv-callback-tests")
+    _, _, probe, vector = setup
+    cb = SalienceTrainerCallback([vector], probe)
+    trainer = cb.attach(make_trainer(tmp_path, model, tokenizer, setup, [], max_steps=4, report_to="wandb"))
+    assert trainer.callback_handler.callbacks[0] is cb
+    trainer.train()
+    import wandb
+
+    wandb.finish()
+    logged = [h[f"eval_csv/{TASK}/pred"] for h in trainer.state.log_history if "eval_loss" in h]
+    run_dir = next((tmp_path / "wandb").glob("offline-run-*"))
+    out = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--summary", "--json", str(run_dir)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    summary = json.loads(out.stdout)
+    flat = json.dumps(summary)
+    assert f"csv/{TASK}/pred" in flat
+    # WandbCallback renames eval_x to eval/x; the summary holds the last value.
+    value = _find(summary, f"eval/csv/{TASK}/pred")
+    assert value == pytest.approx(logged[-1], abs=1e-6)
+
+
+def _find(obj, key):
+    if isinstance(obj, dict):
+        if key in obj:
+            return obj[key]
+        for v in obj.values():
+            found = _find(v, key)
+            if found is not None:
+                return found
+    return None
+
+
+def test_unattached_with_tracker_warns(tmp_path, model, tokenizer, setup, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    _, _, probe, vector = setup
+    trainer = make_trainer(tmp_path, model, tokenizer, setup, [SalienceTrainerCallback([vector], probe)], max_steps=2,
+                           report_to="wandb")
+    with pytest.warns(UserWarning, match="attach"):
+        trainer.train()
+    import wandb
+
+    wandb.finish()
+
+
+def test_wrong_tokenizer_fails_before_training(tmp_path, model, corpus, setup):
+    from csv_callback.testing import train_tokenizer
+
+    _, _, probe, vector = setup
+    other = train_tokenizer(corpus[:50], vocab_size=300)
+    trainer = make_trainer(tmp_path, model, other, setup, [SalienceTrainerCallback([vector], probe)])
+    with pytest.raises(ValueError, match="not the one this probe was built with"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+
+
+def test_bad_constructor_arguments(setup, tokenizer):
+    _, _, probe, vector = setup
+    with pytest.raises(ValueError, match="distinct tasks"):
+        SalienceTrainerCallback([vector, vector], probe)
+    with pytest.raises(ValueError, match="at least one"):
+        SalienceTrainerCallback([], probe)
+    with pytest.raises(ValueError, match="batch_size"):
+        SalienceTrainerCallback([vector], probe, batch_size=0)
+    other = ProbeSet.from_texts(["a different probe text"], tokenizer)
+    with pytest.raises(ValueError, match="fitted on probe"):
+        SalienceTrainerCallback([vector], other)
