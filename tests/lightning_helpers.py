@@ -75,6 +75,9 @@ class TinyLM(pl.LightningModule):
         super().__init__()
         self.tokenizer = tokenizer()
         self.model = tiny_gpt2(len(self.tokenizer), n_positions=64, seed=seed)
+        for m in self.model.modules():  # no dropout: a resumed run must replay the uninterrupted one exactly
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
         self.lr, self.lr_until, self.poison_at = lr, lr_until, poison_at
         self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.float64))
 
@@ -101,7 +104,7 @@ class TinyLM(pl.LightningModule):
                 self.model.transformer.ln_f.weight.fill_(float("nan"))
 
     def configure_optimizers(self):
-        opt = torch.optim.SGD(self.parameters(), lr=self.lr)
+        opt = torch.optim.Adam(self.parameters(), lr=self.lr)
         if self.lr_until is None:
             return opt
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 if s < self.lr_until else 0.0)
@@ -192,7 +195,11 @@ def _ddp_run(out: Path) -> None:
 
 
 def _fault_run(out: Path, small: Path) -> None:
-    """Train with ``save_dir`` (and the W&B run directory) on ``small``, a filesystem that fills up."""
+    """Train with ``save_dir`` on ``small``, a filesystem that fills up, and W&B's media directory on a full one.
+
+    Must run as root of a private mount namespace (``unshare -rm``) so it can mount the full tmpfs.
+    """
+    import subprocess
     import warnings
 
     from csv_callback.callback import SalienceCallback
@@ -200,12 +207,20 @@ def _fault_run(out: Path, small: Path) -> None:
 
     probe = make_probe(n_texts=6, max_length=48)
     cb = SalienceCallback(plain_vector(probe), probe, save_dir=small / "store")
-    logger = pl.loggers.WandbLogger(save_dir=str(small), offline=True, project="fault")
+    logger = pl.loggers.WandbLogger(save_dir=str(out), offline=True, project="fault")
+    media = Path(logger.experiment.dir) / "media"
+    media.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4k", "tmpfs", str(media)], check=True)
+    try:
+        (media / "filler").write_bytes(b"x" * 8192)
+    except OSError:  # the tmpfs is now full
+        pass
     train, val = loaders()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         t = trainer(out, [cb], max_steps=8, val_every=2, logger=logger, num_sanity_val_steps=0)
         t.fit(TinyLM(), train, val)
+    logger.experiment.finish()
     table = load_losses(small / "store", fingerprint=probe.fingerprint)
     result = {
         "global_step": t.global_step,
@@ -213,6 +228,7 @@ def _fault_run(out: Path, small: Path) -> None:
         "stored_steps": table.steps.tolist(),
         "stored_ok": bool(np.isfinite(table.losses).all()),
         "warnings": [str(w.message) for w in caught if "SalienceCallback could not" in str(w.message)],
+        "run_dir": str(Path(logger.experiment.dir).parent),
         "leftover_tmp": [p.name for p in (small / "store" / "losses").iterdir() if ".tmp-" in p.name],
     }
     (out / "fault.json").write_text(json.dumps(result))
