@@ -58,7 +58,7 @@ def log_salience_view(
 
 
 def salience_html(vector: SalienceVector, probe: ProbeSet, tokenizer: Any = None, max_sequences: int = 8) -> str:
-    """The ``max_sequences`` probe sequences holding the most salience weight, as HTML.
+    """The ``max_sequences`` probe sequences holding the most salient tokens, as HTML.
 
     Each scored token's background is red in proportion to its weight (the largest weight is full red) and
     its tooltip shows the weight; unscored context tokens are grey. Tokens are decoded one by one with
@@ -69,10 +69,11 @@ def salience_html(vector: SalienceVector, probe: ProbeSet, tokenizer: Any = None
     so = probe.score_offsets.numpy()
     cum = np.concatenate([[0.0], np.cumsum(w)])
     seq_weight = cum[so[1:]] - cum[so[:-1]]
-    top = np.argsort(-seq_weight, kind="stable")[:max_sequences]
+    seq_peak = np.array([w[a:b].max() if b > a else 0.0 for a, b in zip(so[:-1], so[1:])])
+    top = np.argsort(-seq_peak, kind="stable")[:max_sequences]
     w_max = float(w.max()) or 1.0
     parts = [
-        f"<h3>{html.escape(vector.task)}: the {len(top)} probe sequences with the most salience weight</h3>",
+        f"<h3>{html.escape(vector.task)}: the {len(top)} probe sequences with the most salient tokens</h3>",
         f"<p>{vector.n_tokens} scored tokens; weight of these sequences: {seq_weight[top].sum():.1%}. "
         "Red = salient (darker = larger weight); grey = context, not scored.</p>",
     ]
