@@ -164,8 +164,10 @@ def fitted_vector(probe: ProbeSet) -> SalienceVector:
 
 # ---------------------------------------------------------------------- runs in a separate process
 def _ddp_run(out: Path) -> None:
-    """2 CPU ranks (gloo): fit 4 steps, validate, and dump every rank's metrics and the final weights."""
-    from safetensors.torch import save_file
+    """2 CPU ranks (gloo): fit 4 steps, validate, and dump every rank's metrics and the final weights.
+
+    Run as a script: Lightning's "ddp" strategy starts rank 1 by re-running this command line."""
+    from safetensors.torch import save_model
 
     from csv_callback.callback import SalienceCallback
 
@@ -177,8 +179,10 @@ def _ddp_run(out: Path) -> None:
             with open(out / f"rank{trainer.global_rank}.jsonl", "a") as f:
                 f.write(json.dumps({"step": trainer.global_step, **row}) + "\n")
 
-    probes = [make_probe(n_texts=5, max_length=48), make_probe(n_texts=2, max_length=40)]
-    vectors = [plain_vector(probes[0], "a", 0), plain_vector(probes[1], "b", 1)]
+    # 17, 13 and 1 sequences: shards of unequal size, and a probe with fewer sequences than ranks.
+    probes = [make_probe(n_texts=4, max_length=48), make_probe(n_texts=3, max_length=48),
+              ProbeSet.from_texts(["One short probe text."], tokenizer(), max_length=16)]
+    vectors = [plain_vector(p, name, i) for i, (p, name) in enumerate(zip(probes, "abc"))]
     module = TinyLM()
     cb = SalienceCallback(vectors, probes, batch_size=2, save_dir=out / "store")
     t = trainer(out, [cb, Dump()], max_steps=4, val_every=2, strategy="ddp", devices=2, logger=False,
@@ -187,9 +191,8 @@ def _ddp_run(out: Path) -> None:
     t.fit(module, train, val)
     t.validate(module, val, verbose=False)
     if t.is_global_zero:
-        save_file({k: v.contiguous() for k, v in module.model.state_dict().items() if "attn.bias" not in k},
-                  str(out / "model.safetensors"))
-        for p, v, name in zip(probes, vectors, "ab"):
+        save_model(module.model, str(out / "model.safetensors"))
+        for p, v, name in zip(probes, vectors, "abc"):
             p.save(out / f"probe_{name}.safetensors")
             v.save(out / f"vector_{name}.safetensors")
 
