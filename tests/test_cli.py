@@ -2,10 +2,8 @@
 
 import csv
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 from fractions import Fraction
 from pathlib import Path
@@ -14,7 +12,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from offline_helpers import arithmetic_items, train_ladder, write_jsonl
+from offline_helpers import arithmetic_items, one_torch_thread, subprocess_env, train_ladder, write_jsonl
 from transformers import AutoModelForCausalLM
 
 from csv_callback import ProbeSet, SalienceVector, token_losses
@@ -29,6 +27,12 @@ TEXTS = [it["question"] + it["choices"][0] for it in ITEMS]
 def plain_texts(corpus: list[str]) -> list[str]:
     """Two pydoc passages with whitespace collapsed, so each is one paragraph of a text file."""
     return [" ".join(corpus[5][:600].split()), " ".join(corpus[9][:600].split())]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +66,7 @@ def store(work, probe_file):
 
 def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     """The installed console script in a fresh process, as a user runs it."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    return subprocess.run(["csv-callback", *args], capture_output=True, text=True, timeout=timeout, env=env)
+    return subprocess.run(["csv-callback", *args], capture_output=True, text=True, timeout=timeout, env=subprocess_env())
 
 
 # ---------------------------------------------------------------------- help and probe
@@ -142,9 +145,8 @@ def test_interrupted_collect_leaves_complete_files_and_resumes(work, tokenizer, 
     ProbeSet.from_texts([t[:300] for t in corpus[:12]], tokenizer, max_length=128).save(tmp_path / "big.safetensors")
     ckpts = [str(d) for r in runs.values() for d in r]
     out = tmp_path / "store"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen(["csv-callback", "collect", *ckpts, "--probe", str(tmp_path / "big.safetensors"), "--out",
-                             str(out), "--name-parts", "2", "--no-progress"], stderr=subprocess.PIPE, text=True, env=env)
+                             str(out), "--name-parts", "2", "--no-progress"], stderr=subprocess.PIPE, text=True, env=subprocess_env())
     deadline = time.time() + 240
     while time.time() < deadline and not list((out / "losses").glob("*.safetensors")):
         time.sleep(0.02)

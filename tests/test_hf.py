@@ -7,6 +7,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from offline_helpers import one_torch_thread
 from transformers import EarlyStoppingCallback, Trainer, TrainingArguments
 
 from csv_callback import ProbeSet, SalienceVector, SigmoidLink, token_losses
@@ -27,6 +28,12 @@ class Blocks(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         return {"input_ids": self.items[i], "labels": self.items[i]}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
