@@ -9,11 +9,12 @@ from torch import nn
 from .probe import ProbeSet
 
 # Rows of float32 log-probabilities materialised at once is this many elements / vocabulary size:
-# 2**24 floats = 64 MiB, whatever the vocabulary (a 150k vocabulary gives chunks of ~110 rows). On a CPU
-# 2**18 floats = 1 MiB: a chunk's log-softmax stays in cache, and a large vocabulary's single-row chunks
-# run without a parallel region, whose barriers stall whenever the other cores are busy (measured with a
-# 150k vocabulary on a loaded 2-core machine: 0.27 s per 2048 rows, steady, vs 0.3-10 s at 2**20-2**24).
+# 2**24 floats = 64 MiB, whatever the vocabulary (a 150k vocabulary gives chunks of ~110 rows).
 _CHUNK_ELEMENTS = 2**24
+# On a CPU at most 2**18 floats = 1 MiB: a chunk's log-softmax stays in cache, and a large vocabulary's
+# single-row chunks run without a parallel region, whose barriers stall whenever the other cores are busy
+# (measured with a 150k vocabulary on a loaded 2-core machine: 0.27 s per 2048 rows, steady, against
+# 0.3-10 s with chunks of 2**20-2**24 floats).
 _CPU_CHUNK_ELEMENTS = 2**18
 
 
@@ -119,6 +120,8 @@ def _row_nll(logits: torch.Tensor, ids: torch.Tensor, score: torch.Tensor) -> to
     batch x vocab float32 buffer is ever allocated.
     """
     pos = torch.nonzero(score[1:]).squeeze(1)
+    if len(pos) == 0:
+        return torch.empty(0, dtype=torch.float32, device=logits.device)
     first, last = int(pos[0]), int(pos[-1]) + 1
     chunk = max(1, _chunk_elements(logits.device) // logits.shape[-1])
     nll = torch.empty(last - first, dtype=torch.float32, device=logits.device)
@@ -133,4 +136,4 @@ def _row_nll(logits: torch.Tensor, ids: torch.Tensor, score: torch.Tensor) -> to
 
 def _chunk_elements(device: torch.device) -> int:
     # An accelerator wants few, large kernels; a CPU wants cache-sized chunks (see _CPU_CHUNK_ELEMENTS).
-    return _CPU_CHUNK_ELEMENTS if device.type == "cpu" else _CHUNK_ELEMENTS
+    return min(_CHUNK_ELEMENTS, _CPU_CHUNK_ELEMENTS) if device.type == "cpu" else _CHUNK_ELEMENTS
