@@ -19,6 +19,7 @@ import json
 import os
 import pickle
 import re
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -182,8 +183,13 @@ def _collect_loop(bar, probe, store, device, dtype, batch_size, module_class, tr
             )
         losses = token_losses(model, probe, batch_size=batch_size)
         store.write(ck.name, losses, step=ck.step, extra={"path": str(ck.path), "kind": ck.kind, "dtype": str(dtype)})
-        del model  # one model at a time: peak memory must not grow with the number of checkpoints
-        gc.collect()
+        # One model at a time: peak memory must not grow with the number of checkpoints. Reference counting
+        # frees an HF model at once; a full gc pass (0.15 s, 5% of a small checkpoint's time) only when a
+        # reference cycle keeps it alive.
+        alive = weakref.ref(model)
+        del model
+        if alive() is not None:
+            gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
         done.append(ck)
