@@ -112,9 +112,10 @@ def fit_salience(
 
     # path_pred[i, j]: prediction for checkpoint j from its fold's fit at lams[i].
     path_pred = np.empty((len(lams), m))
+    centred = _centre(X)
     for f in range(n_f):
         tr = fold_of != f
-        for i, state in enumerate(_lambda_path(X, y, tr, lams, metric)):
+        for i, state in enumerate(_lambda_path(centred, y, tr, lams, metric)):
             path_pred[i, ~tr] = state.link(_matvec(state.w, X[~tr].T))
     fold_mse = np.stack([((path_pred[:, fold_of == f] - y[fold_of == f]) ** 2).mean(axis=1) for f in range(n_f)], 1)
     cv_pred["csv"] = np.empty(m)
@@ -122,7 +123,7 @@ def fit_salience(
         others = np.delete(fold_mse, f, axis=1).mean(axis=1)
         cv_pred["csv"][fold_of == f] = path_pred[int(np.argmin(others)), fold_of == f]
     best = int(np.argmin(fold_mse.mean(axis=1)))
-    final = _lambda_path(X, y, np.ones(m, bool), lams[: best + 1], metric)[-1]
+    final = _lambda_path(centred, y, np.ones(m, bool), lams[: best + 1], metric)[-1]
 
     wl = _matvec(final.w, X.T)
     report = {
@@ -158,43 +159,66 @@ class _State:
     link: SigmoidLink
 
 
-def _lambda_path(X: np.ndarray, y: np.ndarray, train: np.ndarray, lams: Sequence[float], metric: str) -> list[_State]:
+@dataclass
+class _Centred:
+    """The losses with each checkpoint's mean loss taken out, and their Gram matrix.
+
+    Centring is per row, so every fold's training rows are a subset of these rows: one Gram product
+    serves all folds' bases (it and the basis products were 30% of the fit's time when done per fold).
+    """
+
+    Xc: np.ndarray  # float32 [m, n]
+    mean: np.ndarray  # float64 [m]
+    gram: np.ndarray  # float64 [m, m]
+
+
+def _centre(X: np.ndarray) -> _Centred:
+    mean = X.mean(axis=1, dtype=np.float64)
+    Xc = X - mean[:, None].astype(X.dtype)
+    return _Centred(Xc=Xc, mean=mean, gram=(Xc @ Xc.T).astype(np.float64))
+
+
+def _lambda_path(
+    centred: _Centred, y: np.ndarray, train: np.ndarray, lams: Sequence[float], metric: str
+) -> list[_State]:
     """Solutions for ``lams`` (decreasing) on the rows ``train``, each warm-started from the previous.
 
     The KL-regularised optimum has ``log w = -X_train^T alpha + const`` for some ``alpha`` (stationarity),
-    so the weights are searched in that m-dimensional family, in an orthonormal basis of the row space of
-    the row-centred training losses (whitening makes L-BFGS converge in tens, not thousands, of steps).
-    Each strength gets a fixed budget of L-BFGS steps: at the weakest strengths the objective is nearly
-    flat and running to convergence only overfits, so the budget is part of the regularisation.
+    so the weights are searched in that m-dimensional family, in an orthonormal basis ``B @ Xc_train`` of
+    the row space of the row-centred training losses (whitening makes L-BFGS converge in tens, not
+    thousands, of steps). Each strength gets a fixed budget of L-BFGS steps: at the weakest strengths the
+    objective is nearly flat and running to convergence only overfits, so the budget is part of the
+    regularisation.
     """
-    V = _row_space_basis(X[train])
-    r = V.shape[0]
-    link = fit_link(X[train].mean(axis=1, dtype=np.float64), y[train], metric)
+    Xc = centred.Xc[train]  # a copy, so that every product reads only the training rows
+    mean, y = centred.mean[train], y[train]
+    B = _whitening(centred.gram[np.ix_(train, train)], Xc.shape[1])
+    r = B.shape[0]
+    link = fit_link(mean, y, metric)
     lower, upper = _link_bounds(metric)
     bounds = Bounds(np.concatenate([np.full(r, -np.inf), lower]), np.concatenate([np.full(r, np.inf), upper]))
-    # Rows outside ``train`` get zero weight rather than a copy of X without them. Dividing by the score
-    # variance makes the objective O(1), so lam is relative and L-BFGS's tolerances are scale-free.
-    row_w = train / train.sum() / max(float(np.var(y[train])), 1e-12)
+    # Dividing the MSE by the score variance makes the objective O(1), so lam is relative and L-BFGS's
+    # tolerances are scale-free.
+    row_w = 1.0 / len(y) / max(float(np.var(y)), 1e-12)
     x = np.concatenate([np.zeros(r), np.clip(_to_params(link.lo, link.hi, link.k, link.L0), lower, upper)])
     states = []
     # One BLAS thread: these matrix-vector products are memory-bound, and idle OpenBLAS threads spin on
     # the second core, halving the speed of everything between them (measured: 26 s vs 54 s, BENCHMARKS.md).
     with threadpool_limits(limits=1, user_api="blas"):
         for lam in lams:
-            res = minimize(_objective, x, args=(X, V, y, row_w, lam), jac=True, method="L-BFGS-B", bounds=bounds,
-                           options={"maxiter": _STEPS_PER_LAMBDA, "ftol": 1e-12, "gtol": 1e-9})
+            res = minimize(_objective, x, args=(Xc, B, mean, y, row_w, lam), jac=True, method="L-BFGS-B",
+                           bounds=bounds, options={"maxiter": _STEPS_PER_LAMBDA, "ftol": 1e-12, "gtol": 1e-9})
             x = res.x
-            states.append(_State(w=np.exp(log_softmax(_matvec(x[:r], V))), link=_to_link(x[r:])))
+            states.append(_State(w=np.exp(log_softmax(_matvec(x[:r] @ B, Xc))), link=_to_link(x[r:])))
     return states
 
 
-def _row_space_basis(X: np.ndarray) -> np.ndarray:
-    """float32 ``[r, n]``: orthogonal rows spanning the row-centred rows of X, scaled to entries O(1)."""
-    Xc = X - X.mean(axis=1, keepdims=True, dtype=np.float64).astype(X.dtype)
-    evals, evecs = np.linalg.eigh((Xc @ Xc.T).astype(np.float64))  # [m, m] Gram: cheaper than an SVD of X
+def _whitening(gram: np.ndarray, n: int) -> np.ndarray:
+    """float64 ``[r, m]`` ``B`` such that the rows of ``B @ Xc`` are orthogonal, span the rows of ``Xc``
+    (whose Gram matrix is ``gram``) and have entries O(1)."""
+    evals, evecs = np.linalg.eigh(gram)  # [m, m]: cheaper than an SVD of Xc
     keep = evals > evals.max() * 1e-8
-    inv_s = 1.0 / np.sqrt(evals[keep])
-    return ((evecs[:, keep] * inv_s).T.astype(X.dtype) @ Xc) * np.float32(math.sqrt(X.shape[1]))
+    return (evecs[:, keep] / np.sqrt(evals[keep])).T * math.sqrt(n)
 
 
 def _matvec(a: np.ndarray, M: np.ndarray) -> np.ndarray:
@@ -202,18 +226,19 @@ def _matvec(a: np.ndarray, M: np.ndarray) -> np.ndarray:
     return (a.astype(M.dtype) @ M).astype(np.float64)
 
 
-def _objective(x, X, V, y, row_w, lam) -> tuple[float, np.ndarray]:
+def _objective(x, Xc, B, mean, y, row_w, lam) -> tuple[float, np.ndarray]:
     """Weighted MSE + lam * KL(w || uniform) and its gradient in (basis coefficients, link params)."""
-    r, n = V.shape
-    logw = log_softmax(_matvec(x[:r], V))
+    r, n = B.shape[0], Xc.shape[1]
+    logw = log_softmax(_matvec(x[:r] @ B, Xc))
     w = np.exp(logw)
-    L = _matvec(w, X.T)
+    L = mean + _matvec(w, Xc.T)  # = X_train @ w, as w sums to 1
     s, ds_dL, ds_dp = _link_eval(x[r:], L, grad=True)
     res = s - y
-    f = float(row_w @ res**2) + lam * (float(w @ logw) + math.log(n))
-    v = _matvec(2 * row_w * res * ds_dL, X) + lam * logw  # d f / d w, up to a constant
+    f = row_w * float(res @ res) + lam * (float(w @ logw) + math.log(n))
+    # d f / d w up to a constant (the row means' part is one), which the simplex projection below removes.
+    v = _matvec(2 * row_w * res * ds_dL, Xc) + lam * logw
     g_z = w * (v - w @ v)
-    return f, np.concatenate([_matvec(g_z, V.T), (2 * row_w * res) @ ds_dp])
+    return f, np.concatenate([B @ _matvec(g_z, Xc.T), (2 * row_w * res) @ ds_dp])
 
 
 # ---------------------------------------------------------------------- link parameterisation
