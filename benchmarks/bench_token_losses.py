@@ -9,7 +9,7 @@ Peak memory is measured in fresh subprocesses (the kernel's resident high-water 
 the loop, minus the resident size before it), once
 for the floor loop and once for ``token_losses``, so "beyond the forward" is their difference.
 
-    PYTHONPATH=. python benchmarks/bench_token_losses.py            # both settings, 7 repeats
+    PYTHONPATH=. python benchmarks/bench_token_losses.py            # both settings, 5 repeats, ~8k tokens
     PYTHONPATH=. python benchmarks/bench_token_losses.py --repeats 3 --tokens 4000   # a quick look
 """
 
@@ -150,8 +150,8 @@ def machine() -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--tokens", type=int, default=12_000, help="approximate probe size in tokens per setting")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--tokens", type=int, default=8000, help="approximate probe size in tokens per setting")
     ap.add_argument("--settings", nargs="*", default=list(SETTINGS), choices=list(SETTINGS))
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument("--measure-memory", nargs=4, help=argparse.SUPPRESS)
