@@ -194,8 +194,7 @@ class SalienceCallback(Callback):
             losses = self._probe_losses(trainer, model, probe)
             bad = int((~torch.isfinite(losses)).sum())
             n_bad += bad
-            key = "probe_mean_loss" if len(self.probes) == 1 else f"{probe.fingerprint}/probe_mean_loss"
-            metrics[f"{self.prefix}/{key}"] = float(losses.double().mean())
+            metrics[self._mean_loss_name(probe)] = float(losses.double().mean())
             for vector in self._groups[probe.fingerprint]:
                 metrics.update(self._predict(vector, losses, bad, step))
             if bad:
@@ -286,11 +285,13 @@ class SalienceCallback(Callback):
                     )
             self._view_logged = True
 
+    def _mean_loss_name(self, probe: ProbeSet) -> str:
+        return f"{self.prefix}/probe_mean_loss" if len(self.probes) == 1 else f"{self.prefix}/{probe.fingerprint}/probe_mean_loss"
+
     def _metric_summaries(self) -> dict[str, str]:
         out = {f"{self.prefix}/eval_seconds": "mean", f"{self.prefix}/nonfinite_losses": "max"}
         for p in self.probes:
-            key = "probe_mean_loss" if len(self.probes) == 1 else f"{p.fingerprint}/probe_mean_loss"
-            out[f"{self.prefix}/{key}"] = "min"
+            out[self._mean_loss_name(p)] = "min"
         for v in self.vectors:
             base = f"{self.prefix}/{v.task}"
             out |= {f"{base}/pred": "max", f"{base}/weighted_loss": "min", f"{base}/extrapolating": "max"}

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import subprocess
 import sys
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
