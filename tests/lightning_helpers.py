@@ -111,6 +111,17 @@ class TinyLM(pl.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
+class CrashAt(pl.Callback):
+    """Kills the run (an exception, as a lost node would) when training step ``step`` begins."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, *args):
+        if trainer.global_step == self.step:
+            raise RuntimeError("node lost")
+
+
 def trainer(tmp: Path, callbacks: list, max_steps: int = 8, val_every: int = 2, logger=None, **kw) -> pl.Trainer:
     """A CPU trainer validating every ``val_every`` steps, with a CSVLogger under ``tmp`` unless given."""
     if logger is None:

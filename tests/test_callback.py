@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
 import lightning_helpers as H
@@ -181,11 +181,6 @@ def test_model_checkpoint_selects_the_best_predicted_score(probe, tmp_path):
 def test_resumed_run_continues_the_series_without_gaps_or_duplicates(probe, tmp_path):
     v = H.plain_vector(probe)
 
-    class Crash(Callback):
-        def on_train_batch_start(self, trainer, *args):
-            if trainer.global_step == 7:
-                raise RuntimeError("node lost")
-
     def run(version: int, extra: list, ckpt_path=None) -> SalienceCallback:
         cb = SalienceCallback(v, probe, save_dir=tmp_path / "store")
         ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
@@ -196,7 +191,7 @@ def test_resumed_run_continues_the_series_without_gaps_or_duplicates(probe, tmp_
 
     # The first run dies in step 8: its last checkpoint is the one of the validation at step 6.
     with pytest.raises(RuntimeError, match="node lost"):
-        run(0, [Crash()])
+        run(0, [H.CrashAt(7)])
     cb = run(1, [], ckpt_path=tmp_path / "ckpt" / "last.ckpt")
     assert [r["step"] for r in cb.history] == [2, 4, 6, 8, 10, 12]
     first = H.read_csv_metrics(tmp_path / "csv/version_0", "csv/plumb/pred")  # raises on a duplicated step

@@ -78,3 +78,40 @@ def test_salience_view_logged_once_with_the_most_salient_tokens(wandb_run):
     assert "rgba(220,0,0,1.000)" in page
     top_token = probe.scored_token_ids()[int(vector.weights.argmax())]
     assert H.tokenizer().decode([int(top_token)]).strip()[:3] in page
+
+
+def test_resumed_run_continues_the_wandb_series(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    probe = H.make_probe()
+    vector = H.plain_vector(probe)
+
+    def run(extra: list, ckpt_path=None) -> str:
+        logger = WandbLogger(save_dir=str(tmp_path), offline=True, project="csv-callback-test")
+        ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+        t = H.trainer(tmp_path, [SalienceCallback(vector, probe), ckpt, *extra], max_steps=12, val_every=2,
+                      logger=logger)
+        try:
+            t.fit(H.TinyLM(), *H.loaders(n_train=48), ckpt_path=ckpt_path)
+        finally:
+            run_dir = str(Path(logger.experiment.dir).parent)
+            logger.experiment.finish()
+        return run_dir
+
+    with pytest.raises(RuntimeError, match="node lost"):
+        run([H.CrashAt(7)])  # dies in step 8, after the checkpoint of the validation at step 6
+    (first,) = Path(tmp_path, "wandb").glob("offline-run-*")
+    second = run([], ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+
+    def series(run_dir) -> tuple[list[int], list[dict]]:
+        records = [json.loads(x) for x in _inspect(str(run_dir), "--json").splitlines() if x.strip()]
+        rows = [r["history"]["item"] for r in records if r["type"] == "history"]
+        return [row["trainer/global_step"] for row in rows if "csv/plumb/pred" in row], rows
+
+    steps1, _ = series(first)
+    steps2, rows2 = series(second)
+    assert steps1 == [1, 3, 5] and steps2 == [7, 9, 11]  # together: every validation once
+    # The resumed run's table carries the whole series, the steps from before the crash included.
+    table = json.loads((Path(second) / "files" / [r for r in rows2 if "csv/predictions.path" in r][-1]
+                        ["csv/predictions.path"]).read_text())
+    assert [row[0] for row in table["data"]] == [2, 4, 6, 8, 10, 12]
