@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from ._rows import weighted_losses
 from .probe import ProbeSet
 from .store import LossStore, LossTable, load_losses
 
@@ -235,7 +236,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     sv = fit_salience(X, y, groups=groups, probe=probe, task=args.task, metric=args.metric, n_folds=args.folds, seed=args.seed)
     # What the report needs to redraw the fit without the scores' sources.
     sv.fit_report.update(checkpoints=names, groups=None if groups is None else list(groups),
-                         weighted_loss=np.asarray(sv.weighted_loss(X)).tolist(),
+                         weighted_loss=weighted_losses(sv, X).tolist(),
                          score_sources=[by_name[n].source for n in names])
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     sv.save(args.out)
@@ -318,7 +319,7 @@ def predictions(table: LossTable, vectors: Sequence[Any]) -> list[dict[str, Any]
     out = []
     per_vector = []
     for sv in vectors:
-        wl = np.asarray(sv.weighted_loss(table.losses, table.fingerprint))
+        wl = weighted_losses(sv, table.losses, table.fingerprint)
         per_vector.append((sv, wl, np.asarray(sv.link(wl)), np.asarray(sv.extrapolates(wl))))
     for i, name in enumerate(table.names):
         for sv, wl, pred, extra in per_vector:

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from ._rows import weighted_losses
 from .probe import ProbeSet
 from .salience import SalienceVector
 from .store import LossTable
@@ -114,7 +115,7 @@ def _link_figure(sv: SalienceVector, table: LossTable | None):
         xs += list(rep["weighted_loss"])
         ax.scatter(rep["weighted_loss"], rep["scores"], s=20, color="black", label="fitted checkpoints (actual)", zorder=3)
     if table is not None:
-        wl = np.asarray(sv.weighted_loss(table.losses, table.fingerprint))
+        wl = weighted_losses(sv, table.losses, table.fingerprint)
         xs += wl.tolist()
         ax.scatter(wl, sv.link(wl), s=22, facecolors="none", edgecolors=_METHOD_COLOURS["csv"],
                    label="stored checkpoints (predicted)", zorder=4)
