@@ -238,8 +238,10 @@ def test_full_disk_in_save_dir_and_wandb_media_warns_and_keeps_what_was_saved(tm
     assert res["global_step"] == 8  # training ran to the end
     assert res["history_steps"] == [2, 4, 6, 8]  # every prediction was still computed
     # What fit is intact and loadable, no temporary file is left behind, and each failure warned.
-    assert res["stored_steps"] == [2, 4] and res["stored_ok"] and res["leftover_tmp"] == []
-    assert sum("could not save the probe losses" in w for w in res["warnings"]) == 2
+    stored = res["stored_steps"]
+    assert 1 <= len(stored) < 4 and stored == [2, 4, 6][: len(stored)]
+    assert res["stored_ok"] and res["leftover_tmp"] == []
+    assert sum("could not save the probe losses" in w for w in res["warnings"]) == 4 - len(stored)
     assert sum("could not log the predictions table to W&B" in w for w in res["warnings"]) == 4
     assert any("could not log the salience view" in w for w in res["warnings"])
     # The scalars still reached W&B through Lightning's own logging.
