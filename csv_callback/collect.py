@@ -158,6 +158,7 @@ def collect(
     from tqdm.auto import tqdm
     from transformers.utils import logging as hf_logging
 
+    _check_stored_paths(checkpoints, store)
     todo = [ck for ck in checkpoints if ck.name not in store]
     bar = tqdm(todo, unit="ckpt", desc="collect", disable=not progress, dynamic_ncols=True)
     hf_bars = hf_logging.is_progress_bar_enabled()
@@ -194,6 +195,21 @@ def _collect_loop(bar, probe, store, device, dtype, batch_size, module_class, tr
             torch.cuda.empty_cache()
         done.append(ck)
     return done
+
+
+def _check_stored_paths(checkpoints: Sequence[Checkpoint], store: LossStore) -> None:
+    """A name already in the store must be the same checkpoint, or a resume would silently skip a new one."""
+    from safetensors import safe_open
+
+    for ck in checkpoints:
+        if ck.name in store:
+            with safe_open(str(store.path_for(ck.name)), framework="pt") as f:
+                stored = json.loads((f.metadata() or {}).get("extra", "{}")).get("path")
+            if stored is not None and stored != str(ck.path):
+                raise CheckpointError(
+                    f"{store.root} already holds a checkpoint named {ck.name!r}, collected from {stored}, not {ck.path}; "
+                    "pass a larger --name-parts or another --out."
+                )
 
 
 def _step_of(path: Path, kind: str) -> int | None:

@@ -1,9 +1,10 @@
 """Predicted benchmark scores as evaluation metrics of a Hugging Face ``transformers.Trainer``.
 
 At every evaluation the callback computes the probe's per-token losses and adds, for each salience vector,
-``<prefix>_csv/<task>/pred`` (and ``.../weighted_loss``, ``.../extrapolated``, ``<prefix>_csv/probe_mean_loss``,
-``<prefix>_csv/eval_seconds``) to the evaluation metrics, where ``<prefix>`` is the Trainer's metric prefix
-(``eval``). So ``TrainingArguments(metric_for_best_model="csv/<task>/pred", greater_is_better=True)`` and
+``<prefix>_csv/<task>/pred`` (and ``.../weighted_loss``, ``.../extrapolating``, ``<prefix>_csv/probe_mean_loss``,
+``<prefix>_csv/nonfinite_losses``, ``<prefix>_csv/eval_seconds``: the names of the Lightning
+``SalienceCallback``) to the evaluation metrics, where ``<prefix>`` is the Trainer's metric prefix (``eval``).
+So ``TrainingArguments(metric_for_best_model="csv/<task>/pred", greater_is_better=True)`` and
 ``EarlyStoppingCallback`` select and stop on the predicted score.
 
 How it reaches everything: ``Trainer.evaluate`` calls ``log(metrics)`` and then ``on_evaluate(metrics)``
@@ -43,7 +44,7 @@ class SalienceTrainerCallback(TrainerCallback):
         probe: the vectors' ProbeSet, or a path to it.
         batch_size: probe sequences per forward pass.
         save_dir: optional loss store directory (the format of ``csv-callback collect``): each evaluated
-            step's per-token losses are saved there as ``step=<global_step>``.
+            step's per-token losses are saved there as ``step-<global_step:09d>``, as the Lightning callback does.
     """
 
     def __init__(
@@ -124,23 +125,23 @@ class SalienceTrainerCallback(TrainerCallback):
         start = time.perf_counter()
         losses = token_losses(model, self.probe, batch_size=self.batch_size)
         out: dict[str, float] = {}
-        finite = bool(torch.isfinite(losses).all())
-        if not finite:
+        n_bad = int((~torch.isfinite(losses)).sum())
+        finite = n_bad == 0
+        if not finite and state.is_world_process_zero:
             # Inside a training run: warn and keep training rather than kill hours of compute.
-            if state.is_world_process_zero:
-                warnings.warn(f"step {state.global_step}: {int((~torch.isfinite(losses)).sum())} probe token losses "
-                              "are NaN/inf; the predicted scores are logged as NaN.", stacklevel=2)
+            warnings.warn(f"step {state.global_step}: {n_bad} probe token losses are NaN/inf; the predicted scores "
+                          "are logged as NaN.", stacklevel=2)
         for sv in self.vectors:
             if finite:
                 wl = float(sv.weighted_loss(losses.numpy()))
                 out[f"csv/{sv.task}/pred"] = float(sv.link(wl))
                 out[f"csv/{sv.task}/weighted_loss"] = wl
-                out[f"csv/{sv.task}/extrapolated"] = float(sv.extrapolates(wl))
+                out[f"csv/{sv.task}/extrapolating"] = float(sv.extrapolates(wl))
             else:
                 out[f"csv/{sv.task}/pred"] = out[f"csv/{sv.task}/weighted_loss"] = math.nan
-                out[f"csv/{sv.task}/extrapolated"] = 1.0
+                out[f"csv/{sv.task}/extrapolating"] = 1.0
         out["csv/probe_mean_loss"] = float(losses.double().mean())
-        out["csv/nonfinite"] = float(not finite)
+        out["csv/nonfinite_losses"] = float(n_bad)
         if self.save_dir is not None and state.is_world_process_zero and finite:
             self._save(losses, state)
         out["csv/eval_seconds"] = time.perf_counter() - start
@@ -150,7 +151,7 @@ class SalienceTrainerCallback(TrainerCallback):
         try:
             if self._store is None:
                 self._store = LossStore(self.save_dir, self.probe)
-            self._store.write(f"step={state.global_step}", losses, step=state.global_step,
+            self._store.write(f"step-{state.global_step:09d}", losses, step=state.global_step,
                               tokens_seen=float(state.num_input_tokens_seen) if state.num_input_tokens_seen else None)
         except OSError as e:  # a full disk must not stop training; saved rows are intact (atomic writes)
             warnings.warn(f"could not save probe losses to {self.save_dir}: {e}", stacklevel=2)

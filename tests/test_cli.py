@@ -137,6 +137,9 @@ def test_collect_resumes_and_only_computes_new_checkpoints(work, probe_file, tmp
     assert "collected 2 checkpoint(s), skipped 2 already stored" in capsys.readouterr().out
     assert {p.name: p.stat().st_mtime_ns for p in (out / "losses").iterdir() if p.name in mtimes} == mtimes
     assert len(load_losses(out).names) == 4
+    # runB/step0 would also be named "step0": not silently skipped as if it were runA's.
+    assert main(["collect", str(runs["runB"][0]), "--out", str(out), "--no-progress"]) == 2
+    assert "already holds a checkpoint named 'step0'" in capsys.readouterr().err
 
 
 def test_interrupted_collect_leaves_complete_files_and_resumes(work, tokenizer, corpus, tmp_path):

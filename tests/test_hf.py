@@ -69,7 +69,7 @@ def test_predictions_in_eval_metrics_history_and_save_dir(tmp_path, model, token
     assert [h["step"] for h in evals] == [2, 4, 6]
     for h in evals:
         assert 0.25 <= h[f"eval_csv/{TASK}/pred"] <= 0.9
-        assert h["eval_csv/eval_seconds"] > 0 and h["eval_csv/nonfinite"] == 0.0
+        assert h["eval_csv/eval_seconds"] > 0 and h["eval_csv/nonfinite_losses"] == 0.0
     # The last logged prediction is the vector applied to the final model's probe losses.
     losses = token_losses(trainer.model, probe)
     assert evals[-1][f"eval_csv/{TASK}/pred"] == pytest.approx(vector.predict(losses.numpy()), abs=1e-6)
@@ -79,7 +79,7 @@ def test_predictions_in_eval_metrics_history_and_save_dir(tmp_path, model, token
     assert metrics[f"eval_csv/{TASK}/pred"] == pytest.approx(evals[-1][f"eval_csv/{TASK}/pred"], abs=1e-6)
     # save_dir is a loss store, readable by the CLI's fit/predict.
     table = load_losses(tmp_path / "losses", probe.fingerprint)
-    assert table.names == ["step=2", "step=4", "step=6"] and table.steps.tolist() == [2, 4, 6]
+    assert table.names == ["step-000000002", "step-000000004", "step-000000006"] and table.steps.tolist() == [2, 4, 6]
     np.testing.assert_allclose(table.losses[-1], losses.numpy(), atol=1e-6)
 
 
