@@ -142,6 +142,18 @@ def test_collect_resumes_and_only_computes_new_checkpoints(work, probe_file, tmp
     assert "already holds a checkpoint named 'step0'" in capsys.readouterr().err
 
 
+def test_collect_bf16_keeps_float32_losses_close_to_float32_run(work, probe_file, store, tmp_path):
+    root, runs = work
+    d = runs["runA"][3]
+    assert main(["collect", str(d), "--probe", str(probe_file), "--out", str(tmp_path / "bf16"), "--bf16",
+                 "--device", "cpu", "--no-progress"]) == 0
+    got, ref = load_losses(tmp_path / "bf16"), load_losses(store)
+    assert got.losses.dtype == np.float32 and got.extra[0]["dtype"] == "torch.bfloat16"
+    want = ref.losses[ref.names.index("runA/step20")]
+    assert not np.array_equal(got.losses[0], want)  # really computed in bf16 ...
+    np.testing.assert_allclose(got.losses[0].mean(), want.mean(), rtol=2e-2)  # ... and close to float32
+
+
 def test_interrupted_collect_leaves_complete_files_and_resumes(work, tokenizer, corpus, tmp_path):
     root, runs = work
     # A probe of several hundred tokens: each checkpoint takes a moment, so the interrupt lands mid-run.
