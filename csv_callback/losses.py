@@ -11,11 +11,13 @@ from .probe import ProbeSet
 # Rows of float32 log-probabilities materialised at once is this many elements / vocabulary size:
 # 2**24 floats = 64 MiB, whatever the vocabulary (a 150k vocabulary gives chunks of ~110 rows).
 _CHUNK_ELEMENTS = 2**24
-# On a CPU at most 2**18 floats = 1 MiB: a chunk's log-softmax stays in cache, and a large vocabulary's
-# single-row chunks run without a parallel region, whose barriers stall whenever the other cores are busy
-# (measured with a 150k vocabulary on a loaded 2-core machine: 0.27 s per 2048 rows, steady, against
-# 0.3-10 s with chunks of 2**20-2**24 floats).
-_CPU_CHUNK_ELEMENTS = 2**18
+# On a CPU, a large vocabulary's rows go one at a time: one row is enough work for a call, and a one-row
+# log-softmax runs without a parallel region, whose barrier stalls whenever another process holds the other
+# core (measured with a 150k vocabulary on a loaded 2-core machine: 0.27 s per 2048 rows, steady, against
+# 0.3-10 s in chunks of 6-110 rows). A small vocabulary's rows go in chunks of 2**22 floats = 16 MiB, so
+# that such stalls are rare.
+_CPU_ROW_ELEMENTS = 2**16
+_CPU_CHUNK_ELEMENTS = 2**22
 
 
 def token_losses(
@@ -115,15 +117,15 @@ def _row_nll(logits: torch.Tensor, ids: torch.Tensor, score: torch.Tensor) -> to
     """float32 NLL ``[n_scored]`` of one sequence's scored tokens, from its logits ``[T, V]`` and ids ``[T]``.
 
     The logit at position t predicts the token at t + 1. Scored positions form one contiguous span in
-    every probe (all of a text, the continuation of a pair), so the span's logits are read in place, a few
-    rows at a time, instead of gathered into a copy: the log-softmax of a chunk stays in cache and no
-    batch x vocab float32 buffer is ever allocated.
+    every probe (all of a text, the continuation of a pair), so the span's logits are read in place, a
+    bounded chunk of rows at a time, instead of gathered into a copy: no batch x vocab float32 buffer is
+    ever allocated.
     """
     pos = torch.nonzero(score[1:]).squeeze(1)
     if len(pos) == 0:
         return torch.empty(0, dtype=torch.float32, device=logits.device)
     first, last = int(pos[0]), int(pos[-1]) + 1
-    chunk = max(1, _chunk_elements(logits.device) // logits.shape[-1])
+    chunk = _chunk_rows(logits.shape[-1], logits.device)
     nll = torch.empty(last - first, dtype=torch.float32, device=logits.device)
     with torch.autocast(logits.device.type, enabled=False):
         for c in range(first, last, chunk):
@@ -134,6 +136,10 @@ def _row_nll(logits: torch.Tensor, ids: torch.Tensor, score: torch.Tensor) -> to
     return nll[(pos - first).to(nll.device)]  # a span with unscored positions inside it
 
 
-def _chunk_elements(device: torch.device) -> int:
-    # An accelerator wants few, large kernels; a CPU wants cache-sized chunks (see _CPU_CHUNK_ELEMENTS).
-    return min(_CHUNK_ELEMENTS, _CPU_CHUNK_ELEMENTS) if device.type == "cpu" else _CHUNK_ELEMENTS
+def _chunk_rows(vocab: int, device: torch.device) -> int:
+    """Rows of logits per log-softmax call (see _CHUNK_ELEMENTS and _CPU_ROW_ELEMENTS)."""
+    if device.type != "cpu":
+        return max(1, _CHUNK_ELEMENTS // vocab)
+    if vocab >= _CPU_ROW_ELEMENTS:
+        return 1
+    return max(1, min(_CHUNK_ELEMENTS, _CPU_CHUNK_ELEMENTS) // vocab)
