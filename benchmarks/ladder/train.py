@@ -1,0 +1,170 @@
+"""Train the ladder: tiny GPT-2 sizes x data mixtures, probe losses and task scores at log-spaced checkpoints.
+
+Each run trains with Lightning on random windows of its mixture's token stream. At every checkpoint a
+callback stores the probe's per-token losses with :class:`~csv_callback.store.LossStore` and writes the
+checkpoint's task accuracies as an lm-eval-harness results file (``results[task]["acc,none"]``), scored
+in-process by :class:`world.TaskScorer` (tests/test_ladder_scorer.py checks it against lm-eval itself).
+
+Layout under ``--out`` (default ``benchmarks/ladder/data``)::
+
+    probe.safetensors  tasks/<task>.yaml,.jsonl  model/ (one saved checkpoint, for the scorer test)
+    runs/<size>-<mixture>/losses/...       a LossStore, rows named step-<step:09d>
+    runs/<size>-<mixture>/lmeval/step-<step:09d>/results_step-<step:09d>.json
+    runs/<size>-<mixture>/run.json         wall time, steps, train loss
+
+    PYTHONPATH=/work/main python benchmarks/ladder/train.py [--sizes s1 ...] [--mixtures general ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import lightning.pytorch as pl  # noqa: E402
+from torch.utils.data import DataLoader, IterableDataset  # noqa: E402
+
+from csv_callback import ProbeSet, token_losses  # noqa: E402
+from csv_callback.store import LossStore  # noqa: E402
+from csv_callback.testing import tiny_gpt2  # noqa: E402
+from world import MAX_LENGTH, MIXTURES, Mixture, TaskScorer, World, results_document  # noqa: E402
+
+# (n_layer, n_embd) per size; tiny_gpt2 uses 2 heads.
+SIZES = {"s1": (1, 32), "s2": (2, 48), "s3": (2, 64), "s4": (3, 96)}
+STEPS = 400
+BATCH = 16
+LR = 3e-3
+N_CHECKPOINTS = 9
+FIRST_CHECKPOINT = 10
+SAVED_MODEL_RUN = ("s1", "general")  # its last checkpoint is saved for tests/test_ladder_scorer.py
+
+
+def checkpoint_steps(steps: int = STEPS, n: int = N_CHECKPOINTS, first: int = FIRST_CHECKPOINT) -> list[int]:
+    """Log-spaced steps from ``first`` to ``steps`` (distinct ints)."""
+    return sorted(set(np.geomspace(first, steps, n).round().astype(int).tolist()))
+
+
+class Windows(IterableDataset):
+    """Endless random ``[MAX_LENGTH]`` windows of a token stream (nanoGPT-style), seeded."""
+
+    def __init__(self, stream: torch.Tensor, seed: int) -> None:
+        self.stream, self.seed = stream, seed
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed)
+        while True:
+            start = int(torch.randint(0, len(self.stream) - MAX_LENGTH, (1,), generator=g))
+            yield self.stream[start : start + MAX_LENGTH]
+
+
+class LadderLM(pl.LightningModule):
+    """A tiny HF GPT-2 (``self.model``) trained on next-token loss; counts ``tokens_seen``."""
+
+    def __init__(self, size: str, vocab_size: int, seed: int = 0) -> None:
+        super().__init__()
+        n_layer, n_embd = SIZES[size]
+        self.model = tiny_gpt2(vocab_size, n_positions=MAX_LENGTH, n_layer=n_layer, n_embd=n_embd, seed=seed)
+        self.tokens_seen = 0
+        self.last_loss = float("nan")
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        self.tokens_seen += batch.numel()
+        loss = self.model(input_ids=batch, labels=batch).loss
+        self.last_loss = float(loss.detach())
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=LR)
+
+
+class Collect(pl.Callback):
+    """At each step of ``steps``: probe losses into a LossStore, task accuracies into an lm-eval results file.
+
+    (SalienceCallback's ``save_dir`` cannot be used here: it needs at least one SalienceVector, and the
+    ladder exists to fit the first ones.)
+    """
+
+    def __init__(self, steps: list[int], probe: ProbeSet, store: LossStore, scorer: TaskScorer, out: Path) -> None:
+        self.steps, self.probe, self.store, self.scorer, self.out = set(steps), probe, store, scorer, out
+        self.rows: list[dict] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step not in self.steps:
+            return
+        name = f"step-{step:09d}"
+        losses = token_losses(pl_module.model, self.probe, batch_size=32)
+        self.store.write(name, losses, step=step, tokens_seen=pl_module.tokens_seen)
+        scores = self.scorer(pl_module.model)
+        d = self.out / name
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"results_{name}.json").write_text(json.dumps(results_document(scores, name), indent=1))
+        row = {"step": step, "train_loss": pl_module.last_loss, "probe_loss": float(losses.mean()), **scores}
+        self.rows.append(row)
+        print("  " + "  ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()), flush=True)
+
+
+def train_run(world: World, scorer: TaskScorer, size: str, mixture: Mixture, out: Path, steps: int, seed: int) -> dict:
+    run = f"{size}-{mixture.name}"
+    root = out / "runs" / run
+    probe = world.probe()
+    store = LossStore(root / "losses", probe)
+    start = time.perf_counter()
+    stream = world.token_stream(mixture, seed=seed)
+    pl.seed_everything(seed, workers=False, verbose=False)
+    module = LadderLM(size, len(world.tokenizer), seed=seed)
+    collect = Collect(checkpoint_steps(steps), probe, store, scorer, root / "lmeval")
+    trainer = pl.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                         callbacks=[collect])
+    trainer.fit(module, DataLoader(Windows(stream, seed), batch_size=BATCH))
+    info = {"run": run, "size": size, "n_layer": SIZES[size][0], "n_embd": SIZES[size][1],
+            "params": sum(p.numel() for p in module.model.parameters()), "mixture": mixture.shares(),
+            "steps": steps, "batch": BATCH, "seconds": time.perf_counter() - start, "checkpoints": collect.rows}
+    (root / "run.json").write_text(json.dumps(info, indent=1))
+    if (size, mixture.name) == SAVED_MODEL_RUN:
+        module.model.save_pretrained(out / "model")
+        world.tokenizer.save_pretrained(out / "model")
+        last = f"step-{steps:09d}"
+        results = (root / "lmeval" / last / f"results_{last}.json").relative_to(out)
+        (out / "model" / "ladder.json").write_text(json.dumps({"run": run, "step": steps, "results": str(results)}))
+    return info
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "data")
+    parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
+    parser.add_argument("--mixtures", nargs="+", default=[m.name for m in MIXTURES], choices=[m.name for m in MIXTURES])
+    parser.add_argument("--steps", type=int, default=STEPS)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    random.seed(args.seed)
+    world = World(seed=args.seed)
+    scorer = TaskScorer(world)
+    args.out.mkdir(parents=True, exist_ok=True)
+    world.probe().save(args.out / "probe.safetensors")
+    world.write_tasks(args.out / "tasks")
+    total = time.perf_counter()
+    for size in args.sizes:
+        for mixture in (m for m in MIXTURES if m.name in args.mixtures):
+            print(f"run {size}-{mixture.name}", flush=True)
+            info = train_run(world, scorer, size, mixture, args.out, args.steps, args.seed)
+            print(f"  {info['params']} params, {info['seconds']:.1f} s", flush=True)
+    print(f"ladder: {time.perf_counter() - total:.1f} s, load average {os.getloadavg()}")
+
+
+if __name__ == "__main__":
+    main()
