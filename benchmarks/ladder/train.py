@@ -41,7 +41,7 @@ from world import MAX_LENGTH, MIXTURES, Mixture, TaskScorer, World, results_docu
 
 # (n_layer, n_embd) per size; tiny_gpt2 uses 2 heads.
 SIZES = {"s1": (1, 32), "s2": (2, 48), "s3": (2, 64), "s4": (3, 96)}
-STEPS = 400
+STEPS = 1200
 BATCH = 16
 LR = 3e-3
 N_CHECKPOINTS = 9

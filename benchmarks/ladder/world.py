@@ -4,7 +4,8 @@ General text is CPython's pydoc topic pages. Three capability sources are genera
 model can only get right by learning that capability from its share of the training data:
 
 - ``facts``: 26 made-up facts to memorise, one per letter (``# k q``: the fact for k is q);
-- ``arith``: addition modulo 5 (``$ 3+4=2``), 25 sums to learn as rules rather than as one fact per letter;
+- ``arith``: adding 3 modulo 10 (``$ 8+3=1``), a rule over the digits (two-operand sums of single digits
+  stayed at chance for every size in 1200 steps, so the second operand is fixed);
 - ``pattern``: continue a random repeating letter pattern (``@ c f k c f k c f``), an in-context skill.
 
 A :class:`Mixture` gives each capability a share of the training lines (the rest is general text); the
@@ -28,8 +29,9 @@ from csv_callback import ProbeSet, token_losses
 from csv_callback.testing import pydoc_corpus, train_tokenizer
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
-MODULUS = 5
-DIGITS = "01234"
+MODULUS = 10
+ADDEND = 3
+DIGITS = "0123456789"
 SOURCES = ("facts", "arith", "pattern")
 TASKS = tuple(f"ladder_{s}" for s in SOURCES)
 N_PROBE_PAGES = 10  # the first pydoc pages (sorted by topic) are held out of training for the probe
@@ -80,7 +82,7 @@ class World:
         if source == "facts":
             return " ".join(f"# {k} {self.facts[k]}" for k in rng.sample(LETTERS, 4))
         if source == "arith":
-            return " ".join(f"$ {a}+{b}={(a + b) % MODULUS}" for a, b in (_digit_pair(rng) for _ in range(4)))
+            return " ".join(f"$ {a}+{ADDEND}={(a + ADDEND) % MODULUS}" for a in rng.choices(range(MODULUS), k=4))
         if source == "pattern":
             return "@ " + " ".join(_pattern(rng, 16))
         raise ValueError(f"unknown capability source {source!r}; expected one of {SOURCES}.")
@@ -114,6 +116,21 @@ class World:
         pairs = [(line[:-1], line[-1]) for line in caps]  # every line ends in a one-character answer
         return ProbeSet.concat([general, ProbeSet.from_pairs(pairs, self.tokenizer, MAX_LENGTH, score_context=True)])
 
+    @staticmethod
+    def answer_masks(probe: ProbeSet) -> dict[str, torch.Tensor]:
+        """Per task, bool ``[probe.n_tokens]``: the answer tokens of the probe's lines of that task's source
+        (what the "label" baseline averages). Relies on :meth:`probe`'s layout: the capability lines come
+        last, ``PROBE_LINES`` per source in ``SOURCES`` order."""
+        first = probe.num_sequences - len(SOURCES) * PROBE_LINES
+        out = {}
+        for k, task in enumerate(TASKS):
+            lo = int(probe.score_offsets[first + k * PROBE_LINES])
+            hi = int(probe.score_offsets[first + (k + 1) * PROBE_LINES])
+            mask = torch.zeros(probe.n_tokens, dtype=torch.bool)
+            mask[lo:hi] = probe.answer_mask[lo:hi]
+            out[task] = mask
+        return out
+
     # ------------------------------------------------------------------ the downstream tasks
     def questions(self, task: str) -> list[dict]:
         """lm-eval docs ``{"question", "choices", "answer"}``. Each choice follows the question after
@@ -122,8 +139,7 @@ class World:
         if task == "ladder_facts":
             items = [(f"# {k}", v, LETTERS) for k, v in self.facts.items() for _ in range(3)]
         elif task == "ladder_arith":
-            items = [(f"$ {a}+{b}=", str((a + b) % MODULUS), DIGITS) for a in range(MODULUS) for b in range(MODULUS)
-                     for _ in range(3)]
+            items = [(f"$ {a}+{ADDEND}=", str((a + ADDEND) % MODULUS), DIGITS) for a in range(MODULUS) for _ in range(6)]
         elif task == "ladder_pattern":
             items = []
             for _ in range(80):
@@ -213,10 +229,6 @@ def results_document(scores: dict[str, float], model_name: str) -> dict:
         "model_name": model_name,
         "config": {"model": "ladder-fast-scorer", "model_args": {"pretrained": model_name}},
     }
-
-
-def _digit_pair(rng: random.Random) -> tuple[int, int]:
-    return rng.randrange(MODULUS), rng.randrange(MODULUS)
 
 
 def _pattern(rng: random.Random, length: int) -> list[str]:

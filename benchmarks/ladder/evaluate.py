@@ -1,0 +1,154 @@
+"""Does CSV predict the ladder's downstream accuracies where loss averaging fails? Held-out errors per task.
+
+Reads what ``train.py`` wrote, the way a user's workflow would: each run's probe losses with
+:func:`~csv_callback.store.load_losses` and its lm-eval results files with
+:func:`~csv_callback.lmeval.scores_from_lmeval` (``results[task]["acc,none"]``). Then, per task:
+
+- (a) leave-one-mixture-out: ``fit_salience(groups=mixture)``, whose folds hold out one whole mixture; its
+  ``fit_report`` gives held-out MSE/MAE of "csv", "uniform" (mean probe loss + link) and "label"
+  (loss of the answer tokens of the probe's lines of the task's source, + link) under the same folds;
+- (b) small sizes -> largest: fit on every size but the largest (groups = mixture for the choice of the
+  regularisation), predict every checkpoint of the largest size; the baselines fit their link on the same
+  checkpoints.
+
+    PYTHONPATH=/work/main python benchmarks/ladder/evaluate.py [--data benchmarks/ladder/data]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from csv_callback import ProbeSet, fit_salience  # noqa: E402
+from csv_callback.fit import fit_link  # noqa: E402
+from csv_callback.lmeval import scores_from_lmeval  # noqa: E402
+from csv_callback.store import load_losses  # noqa: E402
+from train import SIZES  # noqa: E402
+from world import TASKS, World  # noqa: E402
+
+METHODS = ("csv", "uniform", "label")
+
+
+@dataclass
+class Ladder:
+    """All checkpoints: losses ``[m, n]``, scores per task ``[m]``, and each checkpoint's size and mixture."""
+
+    losses: np.ndarray
+    scores: dict[str, np.ndarray]
+    sizes: np.ndarray
+    mixtures: np.ndarray
+    steps: np.ndarray
+    probe: ProbeSet
+
+
+def load_ladder(data: Path) -> Ladder:
+    probe = ProbeSet.load(data / "probe.safetensors")
+    losses, scores, sizes, mixtures, steps = [], {t: [] for t in TASKS}, [], [], []
+    for run_dir in sorted((data / "runs").iterdir()):
+        if not (run_dir / "run.json").is_file():
+            print(f"skipping {run_dir.name}: no run.json (still training, or interrupted)")
+            continue
+        info = json.loads((run_dir / "run.json").read_text())
+        table = load_losses(run_dir / "losses", fingerprint=probe.fingerprint)
+        for task in TASKS:
+            got = {s.checkpoint: s.value for s in scores_from_lmeval([run_dir / "lmeval"], task, table.names)}
+            scores[task] += [got[name] for name in table.names]
+        losses.append(table.losses)
+        mixture = run_dir.name.split("-", 1)[1]
+        sizes += [info["size"]] * len(table.names)
+        mixtures += [mixture] * len(table.names)
+        steps += table.steps.tolist()
+    return Ladder(np.concatenate(losses), {t: np.array(v) for t, v in scores.items()}, np.array(sizes),
+                  np.array(mixtures), np.array(steps), probe)
+
+
+def answer_mask(ladder: Ladder, task: str) -> np.ndarray:
+    """bool ``[n]``: the answer tokens of the probe lines of the task's own source."""
+    return World.answer_masks(ladder.probe)[task].numpy()
+
+
+def baseline_losses(ladder: Ladder, task: str) -> dict[str, np.ndarray]:
+    """``[m]`` per baseline: the mean probe loss ("uniform") and the task's answer tokens' mean loss ("label")."""
+    answer = answer_mask(ladder, task)
+    return {"uniform": ladder.losses.mean(1, dtype=np.float64), "label": ladder.losses[:, answer].mean(1, dtype=np.float64)}
+
+
+def leave_one_mixture_out(ladder: Ladder, task: str) -> dict:
+    sv = fit_salience(ladder.losses, ladder.scores[task], groups=ladder.mixtures, probe=ladder.probe,
+                      answer_mask=answer_mask(ladder, task), task=task)
+    rep = sv.fit_report
+    return {"mse": rep["cv_mse"], "mae": rep["cv_mae"],
+            "pred": {k: np.asarray(v) for k, v in rep["cv_pred"].items()}, "actual": ladder.scores[task], "vector": sv}
+
+
+def small_to_largest(ladder: Ladder, task: str) -> dict:
+    largest = max(set(ladder.sizes.tolist()), key=lambda s: list(SIZES).index(s))
+    test = ladder.sizes == largest
+    y = ladder.scores[task]
+    sv = fit_salience(ladder.losses[~test], y[~test], groups=ladder.mixtures[~test], probe=ladder.probe,
+                      answer_mask=answer_mask(ladder, task), task=task)
+    pred = {"csv": np.asarray(sv.predict(ladder.losses[test]))}
+    for name, L in baseline_losses(ladder, task).items():
+        pred[name] = fit_link(L[~test], y[~test])(L[test])
+    return {"mse": {k: float(np.mean((p - y[test]) ** 2)) for k, p in pred.items()},
+            "mae": {k: float(np.mean(np.abs(p - y[test]))) for k, p in pred.items()},
+            "pred": pred, "actual": y[test], "largest": largest}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parent / "data")
+    parser.add_argument("--out", type=Path, default=None, help="write the table as JSON here")
+    parser.add_argument("--plot", type=Path, default=None, help="write a PNG of predicted vs actual here")
+    args = parser.parse_args(argv)
+    ladder = load_ladder(args.data)
+    print(f"{len(ladder.steps)} checkpoints, sizes {sorted(set(ladder.sizes))}, mixtures {sorted(set(ladder.mixtures))}, "
+          f"probe {ladder.probe.n_tokens} tokens")
+    for task in TASKS:
+        y = ladder.scores[task]
+        print(f"{task}: accuracy {y.min():.3f} .. {y.max():.3f}")
+    table, results = {}, {}
+    print(f"\n{'task':<16}{'protocol':<24}" + "".join(f"{m + ' MSE':>13}{m + ' MAE':>13}" for m in METHODS))
+    for task in TASKS:
+        for protocol, fn in (("leave-one-mixture-out", leave_one_mixture_out), ("small->largest", small_to_largest)):
+            r = fn(ladder, task)
+            results[task, protocol] = r
+            table[f"{task}/{protocol}"] = {"mse": r["mse"], "mae": r["mae"]}
+            print(f"{task:<16}{protocol:<24}" + "".join(f"{r['mse'][m]:>13.2e}{r['mae'][m]:>13.4f}" for m in METHODS))
+    if args.out:
+        args.out.write_text(json.dumps(table, indent=1))
+    if args.plot:
+        plot(results, args.plot)
+
+
+def plot(results: dict, path: Path) -> None:
+    """One panel per (task, protocol): held-out predicted vs actual accuracy, one colour per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = sorted(results)
+    fig, axes = plt.subplots(2, len(TASKS), figsize=(4 * len(TASKS), 8), squeeze=False)
+    for ax, (task, protocol) in zip(axes.T.ravel(), keys):
+        r = results[task, protocol]
+        for method in METHODS:
+            ax.scatter(r["actual"], r["pred"][method], s=12, alpha=0.7,
+                       label=f"{method} (MSE {r['mse'][method]:.1e})")
+        ax.plot([0, 1], [0, 1], "k:", lw=1)
+        ax.set(title=f"{task}\n{protocol}", xlabel="actual accuracy (lm-eval acc)", ylabel="predicted", xlim=(0, 1),
+               ylim=(0, 1))
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
