@@ -3,7 +3,9 @@
 The floor runs the model's own forward (``model(input_ids, attention_mask)``, full logits) over the probe's
 sequences in probe order, ``batch_size`` at a time, each batch right-padded only to its own longest
 sequence: what any evaluation loop must at least spend. Both are timed interleaved (the order alternates
-every repeat) on the same model and probe, and the medians and their ratio are reported.
+every repeat) on the same model and probe, and the medians and their ratio are reported. A third timing,
+the same bare forward over token_losses' own batches (longest first), isolates what the loss computation
+adds on top of the forward.
 
 Peak memory is measured in fresh subprocesses (the kernel's resident high-water mark ``VmHWM``, reset before
 the loop, minus the resident size before it), once
@@ -65,11 +67,14 @@ def build_model(cfg: dict) -> GPT2LMHeadModel:
     return GPT2LMHeadModel(config).eval()
 
 
-def floor_forward(model: torch.nn.Module, probe: ProbeSet, batch_size: int) -> None:
-    """The bare forward: probe order, each batch padded to its own longest sequence, full logits."""
+def floor_forward(model: torch.nn.Module, probe: ProbeSet, batch_size: int, longest_first: bool = False) -> None:
+    """The bare forward: probe order (or longest first), each batch padded to its own longest sequence,
+    full logits."""
+    order = (torch.argsort(probe.lengths, descending=True, stable=True) if longest_first
+             else torch.arange(probe.num_sequences)).tolist()
     with torch.no_grad():
         for b in range(0, probe.num_sequences, batch_size):
-            seqs = [probe.sequence(i)[0] for i in range(b, min(b + batch_size, probe.num_sequences))]
+            seqs = [probe.sequence(i)[0] for i in order[b : b + batch_size]]
             t_max = max(len(s) for s in seqs)
             ids = torch.zeros(len(seqs), t_max, dtype=torch.int64)
             attn = torch.zeros(len(seqs), t_max, dtype=torch.int64)
@@ -86,10 +91,11 @@ def time_setting(name: str, cfg: dict, tokenizer, repeats: int, token_budget: in
     # Warm-up both (allocator, kernels' first-call costs).
     floor_forward(model, probe, bs)
     token_losses(model, probe, batch_size=bs)
-    times: dict[str, list[float]] = {"floor": [], "token_losses": []}
-    runs = {"floor": lambda: floor_forward(model, probe, bs), "token_losses": lambda: token_losses(model, probe, bs)}
+    runs = {"floor": lambda: floor_forward(model, probe, bs), "token_losses": lambda: token_losses(model, probe, bs),
+            "floor_longest_first": lambda: floor_forward(model, probe, bs, longest_first=True)}
+    times: dict[str, list[float]] = {k: [] for k in runs}
     for r in range(repeats):
-        for kind in (("floor", "token_losses") if r % 2 == 0 else ("token_losses", "floor")):
+        for kind in (list(runs) if r % 2 == 0 else list(runs)[::-1]):
             t0 = time.perf_counter()
             runs[kind]()
             times[kind].append(time.perf_counter() - t0)
@@ -109,6 +115,10 @@ def time_setting(name: str, cfg: dict, tokenizer, repeats: int, token_budget: in
         "median_s": med,
         "ratio_of_medians": med["token_losses"] / med["floor"],
         "ratio_per_repeat_median": statistics.median(t / f for t, f in zip(times["token_losses"], times["floor"])),
+        # The same forward in token_losses' own batches: what the loss computation itself adds.
+        "ratio_vs_longest_first_floor": med["token_losses"] / med["floor_longest_first"],
+        "ratio_vs_longest_first_floor_per_repeat_median": statistics.median(
+            t / f for t, f in zip(times["token_losses"], times["floor_longest_first"])),
         "peak_rss_delta_mib": mem,
         "loss_memory_beyond_forward_mib": mem["token_losses"] - mem["floor"],
     }
@@ -169,6 +179,9 @@ def main() -> None:
             print(f"{name}: {res['sequences']} seqs, {res['scored_tokens']} tokens, lengths {res['lengths_min_median_max']}"
                   f" | floor {res['median_s']['floor']:.3f}s  token_losses {res['median_s']['token_losses']:.3f}s"
                   f"  ratio {res['ratio_of_medians']:.3f} (per-repeat median {res['ratio_per_repeat_median']:.3f})"
+                  f" | longest-first floor {res['median_s']['floor_longest_first']:.3f}s"
+                  f" ratio {res['ratio_vs_longest_first_floor']:.3f}"
+                  f" (per-repeat median {res['ratio_vs_longest_first_floor_per_repeat_median']:.3f})"
                   f" | peak RSS +MiB floor {res['peak_rss_delta_mib']['floor']:.0f}"
                   f" token_losses {res['peak_rss_delta_mib']['token_losses']:.0f}", flush=True)
     results["machine"]["loadavg_after"] = os.getloadavg()
