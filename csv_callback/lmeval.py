@@ -53,7 +53,9 @@ def recorded_model(doc: Mapping[str, Any]) -> str | None:
     return None
 
 
-def read_score(doc: Mapping[str, Any], task: str, metric: str = "acc", filter: str = "none", source: str = "") -> float:
+def read_score(
+    doc: Mapping[str, Any], task: str, metric: str = "acc", filter: str = "none", source: str = "results file"
+) -> float:
     """``doc["results"][task]["<metric>,<filter>"]`` as a float; ScoresError listing what the file has."""
     results = doc.get("results")
     if not isinstance(results, Mapping):

@@ -171,3 +171,14 @@ def test_bad_constructor_arguments(setup, tokenizer):
     other = ProbeSet.from_texts(["a different probe text"], tokenizer)
     with pytest.raises(ValueError, match="fitted on probe"):
         SalienceTrainerCallback([vector], other)
+
+
+def test_nonfinite_losses_warn_and_log_nan(tmp_path, model, tokenizer, setup):
+    _, _, probe, vector = setup
+    with torch.no_grad():
+        model.lm_head.weight[0, 0] = float("nan")  # every logit row then holds a NaN
+    trainer = make_trainer(tmp_path, model, tokenizer, setup, [SalienceTrainerCallback([vector], probe)])
+    with pytest.warns(UserWarning, match="NaN/inf"):
+        metrics = trainer.evaluate()
+    assert np.isnan(metrics[f"eval_csv/{TASK}/pred"]) and metrics["eval_csv/nonfinite_losses"] == probe.n_tokens
+    assert metrics[f"eval_csv/{TASK}/extrapolating"] == 1.0
