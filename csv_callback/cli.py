@@ -192,7 +192,12 @@ def cmd_collect(args: argparse.Namespace) -> int:
     else:
         raise ValueError(f"{out} holds no probe yet; pass --probe probe.safetensors.")
     check_tokenizers(checkpoints, probe)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else torch.device(args.device)
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}.")
+    try:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else torch.device(args.device)
+    except RuntimeError as e:
+        raise ValueError(f"--device {args.device!r} is not a torch device ({e}); use e.g. cpu, cuda, cuda:1.") from None
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     store = LossStore(out, probe)
     skipped = sum(ck.name in store for ck in checkpoints)
