@@ -97,6 +97,10 @@ class SalienceTrainerCallback(TrainerCallback):
                 stacklevel=2,
             )
 
+    def on_train_end(self, args, state, control, **kwargs):
+        # load_best_model_at_end swaps the weights without a new step: the next evaluation must recompute.
+        self._cache = None
+
     def on_log(self, args, state, control, logs=None, model=None, **kwargs):
         prefix = _eval_prefix(logs)
         if prefix is None or model is None:
@@ -116,7 +120,8 @@ class SalienceTrainerCallback(TrainerCallback):
 
     # ------------------------------------------------------------------ computation
     def _metrics(self, model: torch.nn.Module, state, prefix: str) -> dict[str, float]:
-        """The callback's metrics for the model at ``state.global_step``, computed once per step."""
+        """The callback's metrics for the model at ``state.global_step``, computed once per step (one
+        evaluation over several eval datasets logs once per dataset)."""
         if self._cache is None or self._cache[0] != state.global_step:
             self._cache = (state.global_step, self._compute(model, state))
         return {f"{prefix}_{k}": v for k, v in self._cache[1].items()}

@@ -95,8 +95,9 @@ def test_early_stopping_and_best_model_on_predicted_score(tmp_path, model, token
     assert trainer.state.global_step == 4  # ... so training stopped after one evaluation without improvement
     assert trainer.state.best_metric == pytest.approx(preds[2])
     assert trainer.state.best_model_checkpoint.endswith("checkpoint-2")
-    # load_best_model_at_end restored the step-2 weights: their prediction is the best one.
+    # load_best_model_at_end restored the step-2 weights: their prediction is the best one, also via evaluate().
     assert vector.predict(token_losses(trainer.model, probe).numpy()) == pytest.approx(preds[2], abs=1e-6)
+    assert trainer.evaluate()[f"eval_csv/{TASK}/pred"] == pytest.approx(preds[2], abs=1e-6)
 
 
 def test_attached_callback_reaches_wandb(tmp_path, model, tokenizer, setup, monkeypatch):
