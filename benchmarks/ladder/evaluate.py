@@ -48,12 +48,16 @@ class Ladder:
     probe: ProbeSet
 
 
-def load_ladder(data: Path) -> Ladder:
+def load_ladder(data: Path, mixtures: list[str] | None = None) -> Ladder:
+    """Every finished run under ``data/runs`` (only those of ``mixtures``, if given)."""
     probe = ProbeSet.load(data / "probe.safetensors")
     losses, scores, sizes, mixtures, steps = [], {t: [] for t in TASKS}, [], [], []
     for run_dir in sorted((data / "runs").iterdir()):
         if not (run_dir / "run.json").is_file():
             print(f"skipping {run_dir.name}: no run.json (still training, or interrupted)")
+            continue
+        mixture = run_dir.name.split("-", 1)[1]
+        if mixtures is not None and mixture not in mixtures:
             continue
         info = json.loads((run_dir / "run.json").read_text())
         table = load_losses(run_dir / "losses", fingerprint=probe.fingerprint)
@@ -61,7 +65,6 @@ def load_ladder(data: Path) -> Ladder:
             got = {s.checkpoint: s.value for s in scores_from_lmeval([run_dir / "lmeval"], task, table.names)}
             scores[task] += [got[name] for name in table.names]
         losses.append(table.losses)
-        mixture = run_dir.name.split("-", 1)[1]
         sizes += [info["size"]] * len(table.names)
         mixtures += [mixture] * len(table.names)
         steps += table.steps.tolist()
@@ -107,8 +110,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parent / "data")
     parser.add_argument("--out", type=Path, default=None, help="write the table as JSON here")
     parser.add_argument("--plot", type=Path, default=None, help="write a PNG of predicted vs actual here")
+    parser.add_argument("--mixtures", nargs="+", default=None, help="use only these mixtures' runs")
     args = parser.parse_args(argv)
-    ladder = load_ladder(args.data)
+    ladder = load_ladder(args.data, args.mixtures)
     print(f"{len(ladder.steps)} checkpoints, sizes {sorted(set(ladder.sizes))}, mixtures {sorted(set(ladder.mixtures))}, "
           f"probe {ladder.probe.n_tokens} tokens")
     for task in TASKS:
