@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -101,20 +102,19 @@ def test_early_stopping_and_best_model_on_predicted_score(tmp_path, model, token
 
 
 def test_attached_callback_reaches_wandb(tmp_path, model, tokenizer, setup, monkeypatch):
-    pytest.importorskip("wandb")
+    wandb = pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("WANDB_PROJECT", "csv-callback-tests")
+    wandb.finish()  # HF's WandbCallback logs into an already active run instead of starting its own
     _, _, probe, vector = setup
     cb = SalienceTrainerCallback([vector], probe)
     trainer = cb.attach(make_trainer(tmp_path, model, tokenizer, setup, [], max_steps=4, report_to="wandb"))
     assert trainer.callback_handler.callbacks[0] is cb
     trainer.train()
-    import wandb
-
+    run_dir = Path(wandb.run.dir).parent  # .../offline-run-<date>-<id>/files
     wandb.finish()
     logged = [h[f"eval_csv/{TASK}/pred"] for h in trainer.state.log_history if "eval_loss" in h]
-    run_dir = next((tmp_path / "wandb").glob("offline-run-*"))
     out = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--summary", "--json", str(run_dir)],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
@@ -140,6 +140,9 @@ def _find(obj, key):
 def test_unattached_with_tracker_warns(tmp_path, model, tokenizer, setup, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    import wandb
+
+    wandb.finish()
     _, _, probe, vector = setup
     trainer = make_trainer(tmp_path, model, tokenizer, setup, [SalienceTrainerCallback([vector], probe)], max_steps=2,
                            report_to="wandb")
