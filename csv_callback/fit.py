@@ -30,6 +30,7 @@ from .salience import SalienceVector, SigmoidLink
 # close to uniform, the smallest barely regularises.
 _LAMBDA_GRID = tuple(float(x) for x in np.logspace(0, -4.5, 10))
 _STEPS_PER_LAMBDA = 50
+_GRAM_BLOCK_ELEMENTS = 2**22
 
 
 def fit_link(
@@ -115,7 +116,7 @@ def fit_salience(
     centred = _centre(X)
     for f in range(n_f):
         tr = fold_of != f
-        for i, state in enumerate(_lambda_path(centred, y, tr, lams, metric)):
+        for i, state in enumerate(_lambda_path(X, centred, y, tr, lams, metric)):
             path_pred[i, ~tr] = state.link(_matvec(state.w, X[~tr].T))
     fold_mse = np.stack([((path_pred[:, fold_of == f] - y[fold_of == f]) ** 2).mean(axis=1) for f in range(n_f)], 1)
     cv_pred["csv"] = np.empty(m)
@@ -123,7 +124,7 @@ def fit_salience(
         others = np.delete(fold_mse, f, axis=1).mean(axis=1)
         cv_pred["csv"][fold_of == f] = path_pred[int(np.argmin(others)), fold_of == f]
     best = int(np.argmin(fold_mse.mean(axis=1)))
-    final = _lambda_path(centred, y, np.ones(m, bool), lams[: best + 1], metric)[-1]
+    final = _lambda_path(X, centred, y, np.ones(m, bool), lams[: best + 1], metric)[-1]
 
     wl = _matvec(final.w, X.T)
     report = {
@@ -161,25 +162,31 @@ class _State:
 
 @dataclass
 class _Centred:
-    """The losses with each checkpoint's mean loss taken out, and their Gram matrix.
+    """Each checkpoint's mean loss and the Gram matrix of the row-centred losses.
 
-    Centring is per row, so every fold's training rows are a subset of these rows: one Gram product
-    serves all folds' bases (it and the basis products were 30% of the fit's time when done per fold).
+    Centring is per row, so every fold's training rows are a subset of the same centred rows: one Gram
+    product serves all folds' bases (it and the basis products were 30% of the fit's time when done per
+    fold), and no centred copy of the whole matrix is kept.
     """
 
-    Xc: np.ndarray  # float32 [m, n]
     mean: np.ndarray  # float64 [m]
     gram: np.ndarray  # float64 [m, m]
 
 
 def _centre(X: np.ndarray) -> _Centred:
+    m, n = X.shape
     mean = X.mean(axis=1, dtype=np.float64)
-    Xc = X - mean[:, None].astype(X.dtype)
-    return _Centred(Xc=Xc, mean=mean, gram=(Xc @ Xc.T).astype(np.float64))
+    mu = mean[:, None].astype(X.dtype)
+    gram = np.zeros((m, m))
+    block = max(1024, _GRAM_BLOCK_ELEMENTS // m)  # columns per block: a bounded float32 temporary
+    for a in range(0, n, block):
+        Xc = X[:, a : a + block] - mu
+        gram += Xc @ Xc.T
+    return _Centred(mean=mean, gram=gram)
 
 
 def _lambda_path(
-    centred: _Centred, y: np.ndarray, train: np.ndarray, lams: Sequence[float], metric: str
+    X: np.ndarray, centred: _Centred, y: np.ndarray, train: np.ndarray, lams: Sequence[float], metric: str
 ) -> list[_State]:
     """Solutions for ``lams`` (decreasing) on the rows ``train``, each warm-started from the previous.
 
@@ -190,8 +197,10 @@ def _lambda_path(
     objective is nearly flat and running to convergence only overfits, so the budget is part of the
     regularisation.
     """
-    Xc = centred.Xc[train]  # a copy, so that every product reads only the training rows
     mean, y = centred.mean[train], y[train]
+    # One copy of the training rows, centred in place: every product reads only them.
+    Xc = X[train]
+    Xc -= mean[:, None].astype(X.dtype)
     B = _whitening(centred.gram[np.ix_(train, train)], Xc.shape[1])
     r = B.shape[0]
     link = fit_link(mean, y, metric)
