@@ -51,7 +51,7 @@ class Ladder:
 def load_ladder(data: Path, mixtures: list[str] | None = None) -> Ladder:
     """Every finished run under ``data/runs`` (only those of ``mixtures``, if given)."""
     probe = ProbeSet.load(data / "probe.safetensors")
-    losses, scores, sizes, mixtures, steps = [], {t: [] for t in TASKS}, [], [], []
+    losses, scores, sizes, groups, steps = [], {t: [] for t in TASKS}, [], [], []
     for run_dir in sorted((data / "runs").iterdir()):
         if not (run_dir / "run.json").is_file():
             print(f"skipping {run_dir.name}: no run.json (still training, or interrupted)")
@@ -66,10 +66,10 @@ def load_ladder(data: Path, mixtures: list[str] | None = None) -> Ladder:
             scores[task] += [got[name] for name in table.names]
         losses.append(table.losses)
         sizes += [info["size"]] * len(table.names)
-        mixtures += [mixture] * len(table.names)
+        groups += [mixture] * len(table.names)
         steps += table.steps.tolist()
     return Ladder(np.concatenate(losses), {t: np.array(v) for t, v in scores.items()}, np.array(sizes),
-                  np.array(mixtures), np.array(steps), probe)
+                  np.array(groups), np.array(steps), probe)
 
 
 def answer_mask(ladder: Ladder, task: str) -> np.ndarray:
