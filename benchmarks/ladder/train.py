@@ -12,17 +12,18 @@ Layout under ``--out`` (default ``benchmarks/ladder/data``)::
     runs/<size>-<mixture>/lmeval/step-<step:09d>/results_step-<step:09d>.json
     runs/<size>-<mixture>/run.json         wall time, steps, train loss
 
-    PYTHONPATH=/work/main python benchmarks/ladder/train.py [--sizes s1 ...] [--mixtures general ...]
+    PYTHONPATH=/work/main python benchmarks/ladder/train.py [--jobs 2] [--sizes s1 ...] [--mixtures general ...]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
-import random
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -147,23 +148,45 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
     parser.add_argument("--mixtures", nargs="+", default=[m.name for m in MIXTURES], choices=[m.name for m in MIXTURES])
     parser.add_argument("--steps", type=int, default=STEPS)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per job (the machine is shared)")
+    parser.add_argument("--jobs", type=int, default=2, help="runs trained at once, in worker processes")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    random.seed(args.seed)
-    world = World(seed=args.seed)
-    scorer = TaskScorer(world)
+    if args.jobs < 1 or args.threads < 1 or args.steps < FIRST_CHECKPOINT:
+        parser.error(f"--jobs and --threads must be >= 1 and --steps >= {FIRST_CHECKPOINT}.")
+    _init_worker(args.seed, args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
-    world.probe().save(args.out / "probe.safetensors")
-    world.write_tasks(args.out / "tasks")
+    _WORKER["world"].probe().save(args.out / "probe.safetensors")
+    _WORKER["world"].write_tasks(args.out / "tasks")
+    # Largest models first, so the long runs do not end up alone at the end.
+    runs = [(size, m.name) for size in reversed(args.sizes) for m in MIXTURES if m.name in args.mixtures]
     total = time.perf_counter()
-    for size in args.sizes:
-        for mixture in (m for m in MIXTURES if m.name in args.mixtures):
-            print(f"run {size}-{mixture.name}", flush=True)
-            info = train_run(world, scorer, size, mixture, args.out, args.steps, args.seed)
-            print(f"  {info['params']} params, {info['seconds']:.1f} s", flush=True)
-    print(f"ladder: {time.perf_counter() - total:.1f} s, load average {os.getloadavg()}")
+    if args.jobs == 1:
+        infos = [_job(r, args.out, args.steps, args.seed) for r in runs]
+    else:
+        ctx = multiprocessing.get_context("spawn")  # fresh workers: no forked torch/tokenizers thread state
+        with ProcessPoolExecutor(args.jobs, ctx, initializer=_init_worker, initargs=(args.seed, args.threads)) as pool:
+            infos = list(pool.map(_job, runs, *zip(*[(args.out, args.steps, args.seed)] * len(runs))))
+    print(f"ladder: {len(infos)} runs, {time.perf_counter() - total:.1f} s wall ({sum(i['seconds'] for i in infos):.1f} s "
+          f"summed over runs), {args.jobs} jobs x {args.threads} threads, load average {os.getloadavg()}")
+
+
+_WORKER: dict = {}  # this process's World and TaskScorer, built once per worker
+
+
+def _init_worker(seed: int, threads: int) -> None:
+    torch.set_num_threads(threads)
+    _WORKER["world"] = World(seed=seed)
+    _WORKER["scorer"] = TaskScorer(_WORKER["world"])
+
+
+def _job(run: tuple[str, str], out: Path, steps: int, seed: int) -> dict:
+    size, name = run
+    mixture = next(m for m in MIXTURES if m.name == name)
+    print(f"run {size}-{name}", flush=True)
+    info = train_run(_WORKER["world"], _WORKER["scorer"], size, mixture, out, steps, seed)
+    print(f"run {size}-{name} done: {info['params']} params, {info['seconds']:.1f} s", flush=True)
+    return info
 
 
 if __name__ == "__main__":
