@@ -37,7 +37,8 @@ class SalienceCallback(Callback):
 
     Args:
         vectors: one or more :class:`SalienceVector` objects or paths to saved vectors. Task names must be
-            unique: they name the metrics.
+            unique: they name the metrics. ``None`` or ``[]`` with a ``save_dir`` only collects the losses
+            (and logs the probe's mean loss), before any vector exists.
         probe: the :class:`ProbeSet` (or path to one) the vectors were fitted on; a sequence of probes when
             the vectors use several. Each vector is matched to the probe with its fingerprint, and each probe
             is run once per validation, shared by all of its vectors.
@@ -77,7 +78,7 @@ class SalienceCallback(Callback):
 
     def __init__(
         self,
-        vectors: SalienceVector | PathLike | Sequence[SalienceVector | PathLike],
+        vectors: SalienceVector | PathLike | Sequence[SalienceVector | PathLike] | None,
         probe: ProbeSet | PathLike | Sequence[ProbeSet | PathLike],
         batch_size: int = 8,
         save_dir: PathLike | None = None,
@@ -94,7 +95,13 @@ class SalienceCallback(Callback):
         for name, attr in (("model_attr", model_attr), ("tokenizer_attr", tokenizer_attr), ("tokens_seen_attr", tokens_seen_attr)):
             if attr is not None and (not isinstance(attr, str) or not attr):
                 raise ValueError(f"SalienceCallback({name}=...) must be None or an attribute name, got {attr!r}.")
-        self.vectors = [_load(v, SalienceVector, "vectors") for v in _as_list(vectors, "vectors")]
+        vector_list = [] if vectors is None else vectors if isinstance(vectors, (list, tuple)) else [vectors]
+        if not vector_list and save_dir is None:
+            raise ValueError(
+                "SalienceCallback(vectors=...) is empty; pass at least one vector, or a save_dir to only collect "
+                "the per-token losses (e.g. to fit the first vectors later)."
+            )
+        self.vectors = [_load(v, SalienceVector, "vectors") for v in vector_list]
         self.probes = _unique_probes([_load(p, ProbeSet, "probe") for p in _as_list(probe, "probe")])
         self._groups = _match(self.vectors, self.probes)
         self.batch_size = batch_size
@@ -272,7 +279,7 @@ class SalienceCallback(Callback):
 
     def _log_wandb(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         view = _wandb()
-        if not view.wandb_runs(trainer):
+        if not self.vectors or not view.wandb_runs(trainer):  # nothing predicted: no table, no view
             return
         self._guarded("log the predictions table to W&B", lambda: view.log_table(trainer, self.history, self.prefix))
         if not self._view_logged:

@@ -84,6 +84,20 @@ def test_unwritable_save_dir_fails_at_setup(probe, tmp_path):
 
 
 # ---------------------------------------------------------------------- what is logged
+def test_collect_only_without_vectors(probe, tmp_path):
+    """Before any vector exists, the callback only stores the losses (to fit the first vectors from)."""
+    module = H.TinyLM()
+    cb = SalienceCallback([], probe, save_dir=tmp_path / "store", model_attr="model")
+    t = H.trainer(tmp_path, [cb], max_steps=4, val_every=2)
+    t.fit(module, *H.loaders())
+    table = load_losses(tmp_path / "store", probe.fingerprint)
+    assert table.steps.tolist() == [2, 4] and table.losses.shape == (2, probe.n_tokens)
+    np.testing.assert_allclose(table.losses[-1], token_losses(module.model, probe).numpy(), atol=1e-5)
+    assert float(t.callback_metrics["csv/probe_mean_loss"]) == pytest.approx(float(table.losses[-1].mean()), abs=1e-5)
+    with pytest.raises(ValueError, match="or a save_dir to only collect"):
+        SalienceCallback([], probe)
+
+
 def test_logs_fitted_predictions_after_every_validation_not_sanity_check(probe, vector, tmp_path):
     module = H.TinyLM()
     cb = SalienceCallback(vector, probe, save_dir=tmp_path / "store", model_attr="model")
