@@ -21,7 +21,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 
 
 def build_store(root: Path, rows: int, tokens: int) -> None:
