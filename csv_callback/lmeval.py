@@ -9,6 +9,8 @@ before). This module reads exactly that; it does not import lm-eval.
 A results file is matched to a checkpoint of a loss store by the recorded model path (``collect`` stores
 each checkpoint's resolved path as ``extra["path"]``), by the checkpoint name, or by an explicit mapping
 CSV with columns ``model,checkpoint``.
+
+:func:`write_multiple_choice_task` writes the other side: a local custom task that lm-eval runs offline.
 """
 
 from __future__ import annotations
@@ -20,6 +22,42 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+_TASK_YAML = """task: {task}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{answer}}}}"
+target_delimiter: {delimiter}
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+"""
+
+
+def write_multiple_choice_task(
+    root: str | os.PathLike, task: str, docs: Sequence[Mapping[str, Any]], target_delimiter: str = " "
+) -> Path:
+    """Write ``<root>/<task>.yaml`` + ``<task>.jsonl``: an lm-eval-harness multiple-choice task on local data.
+
+    ``docs``: ``{"question": str, "choices": [str, ...], "answer": index of the right choice}``. lm-eval scores
+    each choice as the continuation ``target_delimiter + choice`` of ``question``. Pass ``root`` to lm-eval as
+    ``--include_path`` (or ``TaskManager(include_path=...)``). Returns the YAML path.
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    data = root / f"{task}.jsonl"
+    data.write_text("".join(json.dumps(dict(d)) + "\n" for d in docs))
+    yaml = root / f"{task}.yaml"
+    yaml.write_text(_TASK_YAML.format(task=task, data=data.resolve(), delimiter=json.dumps(target_delimiter)))
+    return yaml
+
 
 # lm-eval's own precedence (GeneralConfigTracker._get_model_name): an adapter names the model before its base.
 _MODEL_KEYS = ("peft", "delta", "pretrained", "model", "path", "engine")

@@ -14,30 +14,13 @@ from offline_helpers import arithmetic_items, one_torch_thread, subprocess_env, 
 
 from csv_callback import SalienceVector
 from csv_callback.cli import main
-from csv_callback.lmeval import ScoresError, read_score, recorded_model, scores_from_lmeval
+from csv_callback.lmeval import ScoresError, read_score, recorded_model, scores_from_lmeval, write_multiple_choice_task
 from csv_callback.store import load_losses
 
 pytest.importorskip("lm_eval")
 pytest.importorskip("accelerate")  # lm-eval's "hf" model backend
 
 TASK = "arith_mc"
-TASK_YAML = """task: arith_mc
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{question}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{answer}}}}"
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-"""
-
-
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread():
     with one_torch_thread():
@@ -55,10 +38,7 @@ def harness(tmp_path_factory, tokenizer):
 
     root = tmp_path_factory.mktemp("lmeval")
     items = arithmetic_items()
-    task_dir = root / "task"
-    task_dir.mkdir()
-    write_jsonl(task_dir / "data.jsonl", items)
-    (task_dir / "arith.yaml").write_text(TASK_YAML.format(data=task_dir / "data.jsonl"))
+    task_dir = write_multiple_choice_task(root / "task", TASK, items).parent
     texts = [it["question"] + it["choices"][0] for it in items]
     ckpts = train_ladder(root / "runA", tokenizer, texts, (0, 12), seed=0) + \
         train_ladder(root / "runB", tokenizer, texts, (0, 12), seed=1, lr=1e-3)

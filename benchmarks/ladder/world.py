@@ -17,7 +17,6 @@ questions in another format (a cue, then one of four choices) written as lm-eval
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ import numpy as np
 import torch
 
 from csv_callback import ProbeSet, token_losses
+from csv_callback.lmeval import write_multiple_choice_task
 from csv_callback.testing import pydoc_corpus, train_tokenizer
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
@@ -168,31 +168,9 @@ class World:
     def write_tasks(self, root: Path) -> Path:
         """Write each task as lm-eval-harness custom task YAML + JSONL under ``root``; return ``root``
         (pass it as ``--include_path``)."""
-        root.mkdir(parents=True, exist_ok=True)
         for task in TASKS:
-            data = root / f"{task}.jsonl"
-            data.write_text("".join(json.dumps(d) + "\n" for d in self.questions(task)))
-            (root / f"{task}.yaml").write_text(
-                TASK_YAML.format(task=task, data=data.resolve(), delimiter=TARGET_DELIMITER[task]))
+            write_multiple_choice_task(root, task, self.questions(task), TARGET_DELIMITER[task])
         return root
-
-
-TASK_YAML = """task: {task}
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{question}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{answer}}}}"
-target_delimiter: "{delimiter}"
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-"""
 
 
 class TaskScorer:
