@@ -4,7 +4,7 @@ Implements the Capability Salience Vector of Ge et al., ACL 2025 (arXiv:2506.132
 """
 
 from .fit import fit_link, fit_salience
-from .losses import token_losses
+from .losses import sequence_loglikelihoods, token_losses
 from .probe import ProbeMismatchError, ProbeSet, tokenizer_hash
 from .salience import SalienceVector, SigmoidLink
 
@@ -16,6 +16,7 @@ __all__ = [
     "fit_link",
     "fit_salience",
     "token_losses",
+    "sequence_loglikelihoods",
     "tokenizer_hash",
 ]
 __version__ = "0.1.0"

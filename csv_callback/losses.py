@@ -76,6 +76,19 @@ def token_losses(
     return out
 
 
+def sequence_loglikelihoods(losses: torch.Tensor, probe: ProbeSet) -> torch.Tensor:
+    """float64 ``[probe.num_sequences]``: each sequence's summed log-likelihood of its scored tokens.
+
+    For a probe of (context, continuation) pairs this is lm-eval-harness's ``loglikelihood`` of each
+    continuation; multiple-choice accuracy takes the argmax over a question's choices. The sum runs in
+    float64 (lm-eval sums float32 log-probabilities in Python floats), so near-ties resolve the same way.
+    ``losses``: ``[probe.n_tokens]`` from :func:`token_losses`.
+    """
+    if losses.shape != (probe.n_tokens,):
+        raise ValueError(f"losses must have shape ({probe.n_tokens},) for this probe, got {tuple(losses.shape)}.")
+    return -torch.segment_reduce(losses.double(), "sum", lengths=probe.score_offsets.diff())
+
+
 def _model_device(model: nn.Module) -> torch.device:
     p = next(model.parameters(), None)
     return p.device if p is not None else torch.device("cpu")

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from csv_callback import ProbeSet, SalienceVector, fit_salience, token_losses
+from csv_callback import ProbeSet, SalienceVector, fit_salience, sequence_loglikelihoods, token_losses
 from csv_callback.testing import pydoc_corpus, tiny_gpt2, train_tokenizer
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
@@ -45,10 +45,9 @@ def mc_accuracy(model, tokenizer, questions) -> float:
     """lm-eval-style multiple choice: the choice with the highest summed log-likelihood wins."""
     pairs = [(ctx, c) for ctx, choices, _ in questions for c in choices]
     probe = ProbeSet.from_pairs(pairs, tokenizer, max_length=64)
-    nll = token_losses(model, probe, batch_size=64)
-    per_pair = torch.segment_reduce(nll, "sum", lengths=probe.score_offsets.diff()).view(len(questions), -1)
+    loglik = sequence_loglikelihoods(token_losses(model, probe, batch_size=64), probe).view(len(questions), -1)
     truth = torch.tensor([right for _, _, right in questions])
-    return float((per_pair.argmin(1) == truth).float().mean())
+    return float((loglik.argmax(1) == truth).float().mean())
 
 
 def batches(lines: list[str], tokenizer, seq_len: int, rng: random.Random):

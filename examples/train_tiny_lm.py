@@ -30,7 +30,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
-from csv_callback import ProbeSet, fit_salience, token_losses  # noqa: E402
+from csv_callback import ProbeSet, fit_salience, sequence_loglikelihoods, token_losses  # noqa: E402
 from csv_callback.callback import SalienceCallback  # noqa: E402
 from csv_callback.testing import pydoc_corpus, tiny_gpt2, train_tokenizer  # noqa: E402
 
@@ -84,9 +84,7 @@ def multiple_choice(pages: list[str], tokenizer, n_items: int, seed: int = 0) ->
 
 def mc_accuracy(model, mc: ProbeSet) -> float:
     """lm-eval ``acc``: the item is right when the true continuation has the highest summed log-likelihood."""
-    losses = token_losses(model, mc, batch_size=32)
-    so = mc.score_offsets
-    loglik = -torch.stack([losses[so[k] : so[k + 1]].sum() for k in range(mc.num_sequences)])
+    loglik = sequence_loglikelihoods(token_losses(model, mc, batch_size=32), mc)
     return float((loglik.view(-1, N_CHOICES).argmax(1) == 0).float().mean())
 
 

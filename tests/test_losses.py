@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 import csv_callback.losses as losses_mod
-from csv_callback import ProbeSet, token_losses
+from csv_callback import ProbeSet, sequence_loglikelihoods, token_losses
 
 
 def reference_losses(model, probe: ProbeSet) -> torch.Tensor:
@@ -52,6 +52,9 @@ def test_pairs_give_lm_eval_continuation_loglikelihood(model, tokenizer):
         ll = sum(logp[len(ctx_ids) - 1 + j, c] for j, c in enumerate(cont_ids))
         a, b = probe.score_offsets[i], probe.score_offsets[i + 1]
         assert float(-got[a:b].double().sum()) == pytest.approx(float(ll), abs=1e-4)
+        assert float(sequence_loglikelihoods(got, probe)[i]) == pytest.approx(float(ll), abs=1e-4)
+    with pytest.raises(ValueError, match="must have shape"):
+        sequence_loglikelihoods(got[:-1], probe)
 
 
 def test_batch_size_chunking_and_order_do_not_change_result(model, tokenizer, corpus, monkeypatch):

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from csv_callback import ProbeSet, token_losses
+from csv_callback import ProbeSet, sequence_loglikelihoods, token_losses
 from csv_callback.lmeval import write_multiple_choice_task
 from csv_callback.testing import pydoc_corpus, train_tokenizer
 
@@ -187,13 +187,11 @@ class TaskScorer:
 
     def loglikelihoods(self, model: torch.nn.Module, batch_size: int = 64) -> dict[str, np.ndarray]:
         """Per task, float64 ``[n_questions, N_CHOICES]``: each choice's summed continuation log-likelihood."""
-        nll = token_losses(model, self.probe, batch_size=batch_size).double()
-        # Sum per pair in float64 (lm-eval sums float32 log-probs in Python floats).
-        per_pair = torch.segment_reduce(nll, "sum", lengths=self.probe.score_offsets.diff()).numpy()
+        per_pair = sequence_loglikelihoods(token_losses(model, self.probe, batch_size=batch_size), self.probe).numpy()
         out, start = {}, 0
         for task in self.tasks:
             n = len(self.docs[task]) * N_CHOICES
-            out[task] = -per_pair[start : start + n].reshape(-1, N_CHOICES)
+            out[task] = per_pair[start : start + n].reshape(-1, N_CHOICES)
             start += n
         return out
 
