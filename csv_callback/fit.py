@@ -100,7 +100,8 @@ def fit_salience(
     m, n = X.shape
     lams = list(_LAMBDA_GRID)
     n_f = int(fold_of.max()) + 1
-    baselines = {"uniform": X.mean(axis=1, dtype=np.float64)}
+    centred = _centre(X)
+    baselines = {"uniform": centred.mean}
     if answer is not None:
         baselines["label"] = X[:, answer].mean(axis=1, dtype=np.float64)
 
@@ -113,7 +114,6 @@ def fit_salience(
 
     # path_pred[i, j]: prediction for checkpoint j from its fold's fit at lams[i].
     path_pred = np.empty((len(lams), m))
-    centred = _centre(X)
     for f in range(n_f):
         tr = fold_of != f
         for i, state in enumerate(_lambda_path(X, centred, y, tr, lams, metric)):
