@@ -111,6 +111,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=None, help="write the table as JSON here")
     parser.add_argument("--plot", type=Path, default=None, help="write a PNG of predicted vs actual here")
     parser.add_argument("--mixtures", nargs="+", default=None, help="use only these mixtures' runs")
+    parser.add_argument("--vectors", type=Path, default=None,
+                        help="save each task's vector fitted on every checkpoint, and the probe, in this directory")
     args = parser.parse_args(argv)
     ladder = load_ladder(args.data, args.mixtures)
     print(f"{len(ladder.steps)} checkpoints, sizes {sorted(set(ladder.sizes))}, mixtures {sorted(set(ladder.mixtures))}, "
@@ -128,6 +130,12 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{task:<16}{protocol:<24}" + "".join(f"{r['mse'][m]:>13.2e}{r['mae'][m]:>13.4f}" for m in METHODS))
     if args.out:
         args.out.write_text(json.dumps(table, indent=1))
+    if args.vectors:
+        # Protocol (a)'s vector is fitted on all checkpoints (its strength chosen by leave-one-mixture-out CV).
+        args.vectors.mkdir(parents=True, exist_ok=True)
+        ladder.probe.save(args.vectors / "probe.safetensors")
+        for task in TASKS:
+            results[task, "leave-one-mixture-out"]["vector"].save(args.vectors / f"{task}.safetensors")
     if args.plot:
         plot(results, args.plot)
 

@@ -1,16 +1,19 @@
 """Train the ladder: tiny GPT-2 sizes x data mixtures, probe losses and task scores at log-spaced checkpoints.
 
-Each run trains with Lightning on random windows of its mixture's token stream. At every checkpoint a
-callback stores the probe's per-token losses with :class:`~csv_callback.store.LossStore` and writes the
-checkpoint's task accuracies as an lm-eval-harness results file (``results[task]["acc,none"]``), scored
-in-process by :class:`world.TaskScorer` (tests/test_ladder_scorer.py checks it against lm-eval itself).
+Each run trains with Lightning on random windows of its mixture's token stream. The training is cut into one
+epoch per checkpoint (epoch k ends at the k-th log-spaced step), and Lightning validates at the end of each
+epoch, which is where the library's :class:`~csv_callback.SalienceCallback` (no vectors yet, ``save_dir`` set)
+stores the probe's per-token losses, as it would in a user's run. A second callback plays the part of
+lm-eval-harness: it scores the checkpoint's task accuracies in-process with :class:`world.TaskScorer`
+(tests/test_ladder_scorer.py checks it against lm-eval itself) and writes them as an lm-eval results file
+(``results[task]["acc,none"]``).
 
 Layout under ``--out`` (default ``benchmarks/ladder/data``)::
 
-    probe.safetensors  tasks/<task>.yaml,.jsonl  model/ (one saved checkpoint, for the scorer test)
-    runs/<size>-<mixture>/losses/...       a LossStore, rows named step-<step:09d>
+    probe.safetensors  model/ (one saved checkpoint, for the scorer test)
+    runs/<size>-<mixture>/losses/...       the callback's LossStore, rows named step-<step:09d>
     runs/<size>-<mixture>/lmeval/step-<step:09d>/results_step-<step:09d>.json
-    runs/<size>-<mixture>/run.json         wall time, steps, train loss
+    runs/<size>-<mixture>/run.json         wall time, steps, losses and accuracies per checkpoint
 
     PYTHONPATH=/work/main python benchmarks/ladder/train.py [--jobs 2] [--sizes s1 ...] [--mixtures general ...]
 """
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import multiprocessing
 import os
 import sys
@@ -35,16 +39,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import lightning.pytorch as pl  # noqa: E402
 from torch.utils.data import DataLoader, IterableDataset  # noqa: E402
 
-from csv_callback import ProbeSet, token_losses  # noqa: E402
-from csv_callback.store import LossStore  # noqa: E402
+from csv_callback.callback import SalienceCallback  # noqa: E402
 from csv_callback.testing import tiny_gpt2  # noqa: E402
 from world import MAX_LENGTH, MIXTURES, Mixture, TaskScorer, World, results_document  # noqa: E402
 
 # (n_layer, n_embd) per size; tiny_gpt2 uses 2 heads.
 SIZES = {"s1": (1, 32), "s2": (2, 48), "s3": (2, 64), "s4": (3, 96)}
-STEPS = 1200
+STEPS = 2000
 BATCH = 16
-LR = 3e-3
+LR_AT_64 = 3e-3  # peak learning rate of the 64-wide model; scaled by (64 / width) ** 0.5 for the others
+WARMUP = 30
 N_CHECKPOINTS = 9
 FIRST_CHECKPOINT = 10
 SAVED_MODEL_RUN = ("s1", "general")  # its last checkpoint is saved for tests/test_ladder_scorer.py
@@ -56,61 +60,80 @@ def checkpoint_steps(steps: int = STEPS, n: int = N_CHECKPOINTS, first: int = FI
 
 
 class Windows(IterableDataset):
-    """Endless random ``[MAX_LENGTH]`` windows of a token stream (nanoGPT-style), seeded."""
+    """``count`` random ``[MAX_LENGTH]`` windows of a token stream (nanoGPT-style), seeded."""
 
-    def __init__(self, stream: torch.Tensor, seed: int) -> None:
-        self.stream, self.seed = stream, seed
+    def __init__(self, stream: torch.Tensor, count: int, seed: int) -> None:
+        self.stream, self.count, self.seed = stream, count, seed
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed)
-        while True:
-            start = int(torch.randint(0, len(self.stream) - MAX_LENGTH, (1,), generator=g))
+        for start in torch.randint(0, len(self.stream) - MAX_LENGTH, (self.count,), generator=g).tolist():
             yield self.stream[start : start + MAX_LENGTH]
 
 
 class LadderLM(pl.LightningModule):
-    """A tiny HF GPT-2 (``self.model``) trained on next-token loss; counts ``tokens_seen``."""
+    """A tiny HF GPT-2 (``self.model``) trained on next-token loss, one epoch per checkpoint interval.
 
-    def __init__(self, size: str, vocab_size: int, seed: int = 0) -> None:
+    Keeps ``tokenizer`` and ``tokens_seen`` where :class:`SalienceCallback` looks for them (it checks the
+    tokenizer against the probe, and stores the token count with the losses).
+    """
+
+    def __init__(self, size: str, world: World, stream: torch.Tensor, val: torch.Tensor, steps: list[int], seed: int) -> None:
         super().__init__()
         n_layer, n_embd = SIZES[size]
-        self.model = tiny_gpt2(vocab_size, n_positions=MAX_LENGTH, n_layer=n_layer, n_embd=n_embd, seed=seed)
+        self.model = tiny_gpt2(len(world.tokenizer), n_positions=MAX_LENGTH, n_layer=n_layer, n_embd=n_embd, seed=seed)
+        self.tokenizer = world.tokenizer
+        self.lr = LR_AT_64 * math.sqrt(64 / n_embd)
+        self.stream, self.val, self.steps, self.seed = stream, val, steps, seed
         self.tokens_seen = 0
-        self.last_loss = float("nan")
+
+    def train_dataloader(self) -> DataLoader:
+        epoch = self.trainer.current_epoch
+        n_batches = self.steps[epoch] - (self.steps[epoch - 1] if epoch else 0)
+        return DataLoader(Windows(self.stream, n_batches * BATCH, seed=self.seed * 1000 + epoch), batch_size=BATCH)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val, batch_size=len(self.val))
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         self.tokens_seen += batch.numel()
         loss = self.model(input_ids=batch, labels=batch).loss
-        self.last_loss = float(loss.detach())
+        self.log("train/loss", loss)
         return loss
 
+    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        self.log("val/loss", self.model(input_ids=batch, labels=batch).loss)
+
     def configure_optimizers(self):
-        return torch.optim.AdamW(self.parameters(), lr=LR)
+        opt = torch.optim.AdamW(self.parameters(), lr=self.lr)
+        total = self.steps[-1]
+
+        def schedule(step: int) -> float:  # linear warm-up, then cosine decay to a tenth
+            if step < WARMUP:
+                return (step + 1) / WARMUP
+            return 0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, (step - WARMUP) / max(1, total - WARMUP))))
+
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, schedule),
+                                                   "interval": "step"}}
 
 
-class Collect(pl.Callback):
-    """At each step of ``steps``: probe losses into a LossStore, task accuracies into an lm-eval results file.
+class Score(pl.Callback):
+    """After each validation: the task accuracies as an lm-eval-harness results file, plus a row for run.json."""
 
-    (SalienceCallback's ``save_dir`` cannot be used here: it needs at least one SalienceVector, and the
-    ladder exists to fit the first ones.)
-    """
-
-    def __init__(self, steps: list[int], probe: ProbeSet, store: LossStore, scorer: TaskScorer, out: Path) -> None:
-        self.steps, self.probe, self.store, self.scorer, self.out = set(steps), probe, store, scorer, out
+    def __init__(self, scorer: TaskScorer, out: Path) -> None:
+        self.scorer, self.out = scorer, out
         self.rows: list[dict] = []
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: LadderLM) -> None:
         step = trainer.global_step
-        if step not in self.steps:
-            return
         name = f"step-{step:09d}"
-        losses = token_losses(pl_module.model, self.probe, batch_size=32)
-        self.store.write(name, losses, step=step, tokens_seen=pl_module.tokens_seen)
         scores = self.scorer(pl_module.model)
         d = self.out / name
         d.mkdir(parents=True, exist_ok=True)
         (d / f"results_{name}.json").write_text(json.dumps(results_document(scores, name), indent=1))
-        row = {"step": step, "train_loss": pl_module.last_loss, "probe_loss": float(losses.mean()), **scores}
+        metrics = trainer.callback_metrics
+        row = {"step": step, "train_loss": float(metrics["train/loss"]), "val_loss": float(metrics["val/loss"]),
+               "probe_loss": float(metrics["csv/probe_mean_loss"]), **scores}
         self.rows.append(row)
         print("  " + "  ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()), flush=True)
 
@@ -118,20 +141,20 @@ class Collect(pl.Callback):
 def train_run(world: World, scorer: TaskScorer, size: str, mixture: Mixture, out: Path, steps: int, seed: int) -> dict:
     run = f"{size}-{mixture.name}"
     root = out / "runs" / run
-    probe = world.probe()
-    store = LossStore(root / "losses", probe)
     start = time.perf_counter()
-    stream = world.token_stream(mixture, seed=seed)
     pl.seed_everything(seed, workers=False, verbose=False)
-    module = LadderLM(size, len(world.tokenizer), seed=seed)
-    collect = Collect(checkpoint_steps(steps), probe, store, scorer, root / "lmeval")
-    trainer = pl.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                         callbacks=[collect])
-    trainer.fit(module, DataLoader(Windows(stream, seed), batch_size=BATCH))
-    info = {"run": run, "size": size, "n_layer": SIZES[size][0], "n_embd": SIZES[size][1],
+    ckpts = checkpoint_steps(steps)
+    module = LadderLM(size, world, world.token_stream(mixture, seed=seed), world.validation_windows(), ckpts, seed)
+    score = Score(scorer, root / "lmeval")
+    collect = SalienceCallback(vectors=None, probe=world.probe(), batch_size=32, save_dir=root / "losses",
+                               model_attr="model", wandb_extras=False)
+    trainer = pl.Trainer(max_epochs=len(ckpts), max_steps=steps, accelerator="cpu", devices=1, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         num_sanity_val_steps=0, reload_dataloaders_every_n_epochs=1, callbacks=[collect, score])
+    trainer.fit(module)
+    info = {"run": run, "size": size, "n_layer": SIZES[size][0], "n_embd": SIZES[size][1], "lr": module.lr,
             "params": sum(p.numel() for p in module.model.parameters()), "mixture": mixture.shares(),
-            "steps": steps, "batch": BATCH, "seconds": time.perf_counter() - start, "checkpoints": collect.rows}
+            "steps": steps, "batch": BATCH, "seconds": time.perf_counter() - start, "checkpoints": score.rows}
     (root / "run.json").write_text(json.dumps(info, indent=1))
     if (size, mixture.name) == SAVED_MODEL_RUN:
         module.model.save_pretrained(out / "model")
@@ -157,7 +180,6 @@ def main(argv: list[str] | None = None) -> None:
     _init_worker(args.seed, args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     _WORKER["world"].probe().save(args.out / "probe.safetensors")
-    _WORKER["world"].write_tasks(args.out / "tasks")
     # Largest models first, so the long runs do not end up alone at the end.
     runs = [(size, m.name) for size in reversed(args.sizes) for m in MIXTURES if m.name in args.mixtures]
     total = time.perf_counter()

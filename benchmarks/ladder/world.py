@@ -3,16 +3,21 @@
 General text is CPython's pydoc topic pages. Three capability sources are generated, each a line format a
 model can only get right by learning that capability from its share of the training data:
 
-- ``facts``: 26 made-up facts to memorise, one per letter (``# k q``: the fact for k is q);
-- ``arith``: adding 3 modulo 10 (``$ 8+3=1``), a rule over the digits (two-operand sums of single digits
-  stayed at chance for every size in 1200 steps, so the second operand is fixed);
+- ``facts``: ``N_FACTS`` made-up facts to memorise (``# bq x``: the fact for ``bq`` is ``x``), drawn with
+  Zipf-like frequencies, so a model learns them one by one, frequent ones first;
+- ``arith``: adding 3 to a three-digit number (``$ 472+3=475``), a digit rule plus a carry;
 - ``pattern``: continue a random repeating letter pattern (``@ c f k c f k c f``), an in-context skill.
 
 A :class:`Mixture` gives each capability a share of the training lines (the rest is general text); the
 mixtures of :data:`MIXTURES` vary those shares widely. The probe is a generic validation set: held-out
-pydoc pages plus a few capability lines in the training format. The downstream tasks are multiple-choice
+pydoc pages plus fresh capability lines in the training format. The downstream tasks are multiple-choice
 questions in another format (a cue, then one of four choices) written as lm-eval-harness custom tasks
-(YAML with local JSONL ``data_files``); :func:`score_tasks` scores them in-process exactly as lm-eval does.
+(YAML with local JSONL ``data_files``); :class:`TaskScorer` scores them in-process exactly as lm-eval does.
+
+Questions come in blocks of four that share one set of four choices, each choice right in exactly one of
+them. A model that ignores the question and prefers some choice strings (what an untrained model does)
+therefore scores exactly 1/4: chance is chance, not 0.15-0.35 depending on which letters it happens to like,
+which would be noise that no loss can predict.
 """
 
 from __future__ import annotations
@@ -29,14 +34,16 @@ from csv_callback.lmeval import write_multiple_choice_task
 from csv_callback.testing import pydoc_corpus, train_tokenizer
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
-MODULUS = 10
+N_FACTS = 160
+FACT_ZIPF = 1.0  # fact i is drawn with probability proportional to (i + 1) ** -FACT_ZIPF
 ADDEND = 3
-DIGITS = "0123456789"
+ARITH_DIGITS = 2
+N_QUESTIONS = 400  # per task at most, in blocks of N_CHOICES
 SOURCES = ("facts", "arith", "pattern")
 TASKS = tuple(f"ladder_{s}" for s in SOURCES)
 N_PROBE_PAGES = 10  # the first pydoc pages (sorted by topic) are held out of training for the probe
 PROBE_CHARS = 1500  # characters of each held-out page in the probe
-PROBE_LINES = 4  # capability lines per source in the probe
+PROBE_LINES = 40  # capability lines per source in the probe
 MAX_LENGTH = 64
 VOCAB_SIZE = 512
 N_CHOICES = 4
@@ -76,17 +83,23 @@ class World:
         pages = pydoc_corpus()
         self.probe_pages = pages[:N_PROBE_PAGES]
         self.general = [ln for page in pages[N_PROBE_PAGES:] for ln in page.splitlines() if ln.strip()]
-        self.facts = {k: rng.choice(LETTERS) for k in LETTERS}
+        keys = rng.sample([x + y for x in LETTERS for y in LETTERS], N_FACTS)
+        # Each block of N_CHOICES consecutive facts has distinct values: its questions share those values as choices.
+        values = [v for _ in range(N_FACTS // N_CHOICES) for v in rng.sample(LETTERS, N_CHOICES)]
+        self.facts = dict(zip(keys, values))
+        self.fact_weights = [(i + 1) ** -FACT_ZIPF for i in range(N_FACTS)]
         self.tokenizer = train_tokenizer(pages, vocab_size=VOCAB_SIZE)
         self.seed = seed
 
     # ------------------------------------------------------------------ training text
     def line(self, source: str, rng: random.Random) -> str:
-        """One training-format line of a capability source."""
+        """One training-format line of a capability source; its last item (after the last space or ``=``) is an
+        answer: a fact's value, a sum, the pattern's next letter."""
         if source == "facts":
-            return " ".join(f"# {k} {self.facts[k]}" for k in rng.sample(LETTERS, 4))
+            keys = rng.choices(list(self.facts), weights=self.fact_weights, k=4)
+            return " ".join(f"# {k} {self.facts[k]}" for k in keys)
         if source == "arith":
-            return " ".join(f"$ {a}+{ADDEND}={(a + ADDEND) % MODULUS}" for a in rng.choices(range(MODULUS), k=4))
+            return " ".join(f"$ {_sum_question(a)}{_sum(a)}" for a in rng.choices(range(10**ARITH_DIGITS), k=4))
         if source == "pattern":
             return "@ " + " ".join(_pattern(rng, 16))
         raise ValueError(f"unknown capability source {source!r}; expected one of {SOURCES}.")
@@ -108,16 +121,26 @@ class World:
         text = "\n".join(self.training_lines(mixture, seed))
         return torch.tensor(self.tokenizer(text)["input_ids"], dtype=torch.int64)
 
+    def validation_windows(self, n: int = 16) -> torch.Tensor:
+        """int64 ``[n, MAX_LENGTH]``: held-out general text that is in neither the training data nor the probe
+        (the rest of the probe's pages), for the runs' plain validation loss."""
+        text = "\n".join(page[PROBE_CHARS:] for page in self.probe_pages)
+        ids = torch.tensor(self.tokenizer(text)["input_ids"][: n * MAX_LENGTH], dtype=torch.int64)
+        if len(ids) < n * MAX_LENGTH:
+            raise ValueError(f"the held-out pages have only {len(ids)} tokens; ask for fewer than {n} windows.")
+        return ids.reshape(n, MAX_LENGTH)
+
     # ------------------------------------------------------------------ the probe
     def probe(self) -> ProbeSet:
         """Held-out general text, then ``PROBE_LINES`` training-format lines of each capability source
         (fresh lines, not the task questions, whose format differs)."""
         rng = random.Random(self.seed + 1000)  # not the training lines' seeds
         general = ProbeSet.from_texts([p[:PROBE_CHARS] for p in self.probe_pages], self.tokenizer, MAX_LENGTH)
-        # Every token of a capability line is scored; its last item (a fact, a sum, the next letter) is also
-        # marked as the answer, for the "label" baseline (answer-token loss).
+        # Every token of a capability line is scored; its last item is also marked as the answer, for the
+        # "label" baseline (answer-token loss).
         caps = [self.line(s, rng) for s in SOURCES for _ in range(PROBE_LINES)]
-        pairs = [(line[:-1], line[-1]) for line in caps]  # every line ends in a one-character answer
+        cut = [max(line.rfind(" "), line.rfind("=")) + 1 for line in caps]
+        pairs = [(line[:i], line[i:]) for line, i in zip(caps, cut)]
         return ProbeSet.concat([general, ProbeSet.from_pairs(pairs, self.tokenizer, MAX_LENGTH, score_context=True)])
 
     @staticmethod
@@ -137,32 +160,44 @@ class World:
 
     # ------------------------------------------------------------------ the downstream tasks
     def questions(self, task: str) -> list[dict]:
-        """lm-eval docs ``{"question", "choices", "answer"}``. Each choice follows the question after
-        ``TARGET_DELIMITER[task]`` (the YAML's ``target_delimiter``), as in the training lines."""
-        rng = random.Random(self.seed + 2000 + TASKS.index(task) if task in TASKS else -1)
-        if task == "ladder_facts":
-            items = [(f"# {k}", v, LETTERS) for k, v in self.facts.items() for _ in range(3)]
-        elif task == "ladder_arith":
-            items = [(f"$ {a}+{ADDEND}=", str((a + ADDEND) % MODULUS), DIGITS) for a in range(MODULUS) for _ in range(6)]
-        elif task == "ladder_pattern":
-            items = []
-            for _ in range(80):
-                seq = _pattern(rng, rng.randint(6, 9))
-                # Distractors: the pattern's other letters first, so copying any seen letter is not enough.
-                others = sorted(set(seq) - {seq[-1]})
-                items.append(("@ " + " ".join(seq[:-1]), seq[-1], others))
-        else:
+        """lm-eval docs ``{"question", "choices", "answer"}``: ``N_QUESTIONS`` questions in blocks of
+        ``N_CHOICES`` that share their choices, each choice right in one question of its block. Each choice
+        follows the question after ``TARGET_DELIMITER[task]`` (the YAML's ``target_delimiter``), as in the
+        training lines."""
+        if task not in TASKS:
             raise ValueError(f"unknown task {task!r}; expected one of {TASKS}.")
+        rng = random.Random(self.seed + 2000 + TASKS.index(task))
+        n_blocks = N_QUESTIONS // N_CHOICES
+        blocks: list[list[tuple[str, str]]] = []  # per block: (question, right answer) x N_CHOICES
+        if task == "ladder_facts":
+            keys = list(self.facts)[: N_QUESTIONS]
+            blocks = [[(f"# {k}", self.facts[k]) for k in keys[i : i + N_CHOICES]] for i in range(0, len(keys), N_CHOICES)]
+        elif task == "ladder_arith":
+            # a0, a0 + 1, a0 + 10, a0 + 11 with even tens and units digits: disjoint blocks whose sums differ in
+            # the units digit, the tens digit, or both (so the carry matters).
+            starts = [a for a in range(10**ARITH_DIGITS) if a % 2 == 0 and (a // 10) % 2 == 0]
+            for a0 in rng.sample(starts, min(n_blocks, len(starts))):
+                blocks.append([(f"$ {_sum_question(a)}", _sum(a)) for a in (a0, a0 + 1, a0 + 10, a0 + 11)])
+        else:
+            for _ in range(n_blocks):
+                letters = rng.sample(LETTERS, N_CHOICES)
+                block = []
+                for right in letters:
+                    # The context repeats a period of 2-3 of the block's letters, so the distractors include
+                    # letters that are in it: copying any letter seen is not enough.
+                    period = [right] + rng.sample([c for c in letters if c != right], rng.randint(1, 2))
+                    rng.shuffle(period)
+                    length = rng.randint(6, 9)
+                    phase = (period.index(right) - length) % len(period)
+                    seq = [period[(i + phase) % len(period)] for i in range(length)]
+                    block.append(("@ " + " ".join(seq), right))
+                blocks.append(block)
         docs = []
-        for question, right, pool in items:
-            if isinstance(pool, list):  # preferred distractors, topped up with random letters
-                extra = rng.sample([c for c in LETTERS if c != right and c not in pool], N_CHOICES - 1 - len(pool))
-                wrong = pool[: N_CHOICES - 1] + extra
-            else:
-                wrong = rng.sample([c for c in pool if c != right], N_CHOICES - 1)
-            choices = [right] + wrong
-            rng.shuffle(choices)
-            docs.append({"question": question, "choices": choices, "answer": choices.index(right)})
+        for block in blocks:
+            answers = [right for _, right in block]
+            for question, right in block:
+                choices = rng.sample(answers, len(answers))
+                docs.append({"question": question, "choices": choices, "answer": choices.index(right)})
         return docs
 
     def write_tasks(self, root: Path) -> Path:
@@ -209,6 +244,14 @@ def results_document(scores: dict[str, float], model_name: str) -> dict:
         "model_name": model_name,
         "config": {"model": "ladder-fast-scorer", "model_args": {"pretrained": model_name}},
     }
+
+
+def _sum_question(a: int) -> str:
+    return f"{a:0{ARITH_DIGITS}d}+{ADDEND}="
+
+
+def _sum(a: int) -> str:
+    return f"{(a + ADDEND) % 10**ARITH_DIGITS:0{ARITH_DIGITS}d}"
 
 
 def _pattern(rng: random.Random, length: int) -> list[str]:
