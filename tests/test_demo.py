@@ -1,0 +1,71 @@
+"""The shipped ladder vectors and the README's demo, run for real (short) with lm-eval-harness and W&B offline.
+
+Needs the optional extra: ``pip install -e ".[lmeval]"``.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from offline_helpers import one_torch_thread
+
+pytest.importorskip("lm_eval")
+pytest.importorskip("accelerate")  # lm-eval's "hf" model backend
+
+ROOT = Path(__file__).resolve().parents[1]
+ASSETS = ROOT / "examples" / "assets"
+sys.path.insert(0, str(ROOT / "benchmarks" / "ladder"))
+sys.path.insert(0, str(ROOT / "examples"))
+
+from world import TASKS, World  # noqa: E402
+
+from csv_callback import ProbeSet, SalienceVector  # noqa: E402
+
+
+def test_shipped_vectors_match_the_shipped_probe_and_the_worlds_tokenizer():
+    probe = ProbeSet.load(ASSETS / "probe.safetensors")
+    probe.check_tokenizer(World().tokenizer)  # the demo rebuilds the tokenizer; it must be the one fitted on
+    for task in TASKS:
+        vector = SalienceVector.load(ASSETS / f"{task}.safetensors")
+        assert vector.task == task and vector.metric == "acc"
+        vector.check_probe(probe)
+        report = vector.fit_report
+        # Fitted on every ladder checkpoint, cross-validated over whole mixtures.
+        assert report["cv"] == "groups" and report["n_checkpoints"] >= 4 * 6 * 8
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    import train_tiny_lm
+
+    out = tmp_path_factory.mktemp("demo")
+    with one_torch_thread():
+        result = train_tiny_lm.main(["--out", str(out), "--size", "s1", "--steps", "60", "--val-every", "20",
+                                     "--lmeval-every", "2", "--threads", "1"])
+    return out, result
+
+
+def test_demo_predicts_every_validation_and_measures_with_lm_eval(demo):
+    out, result = demo
+    history, measured = result["history"], result["measured"]
+    assert sorted({(r["step"], r["task"]) for r in history}) == [(s, t) for s in (20, 40, 60) for t in sorted(TASKS)]
+    assert all(0.0 <= r["pred"] <= 1.0 for r in history)
+    # lm-eval ran at the 2nd validation and at the last one, on all three tasks.
+    assert [r["step"] for r in measured] == [40, 60]
+    assert all(0.0 <= r[t] <= 1.0 for r in measured for t in TASKS)
+    assert (out / "pred_vs_lmeval.png").stat().st_size > 10_000
+    assert len(list((out / "probe_losses" / "losses").glob("*.safetensors"))) == 3
+
+
+def test_demo_streams_predictions_and_lm_eval_accuracy_to_wandb(demo):
+    out, result = demo
+    run_dir = str(Path(result["logger_dir"]).parent)
+    summary = json.loads(subprocess.run(["wandb", "leet", "inspect", "--summary", "--json", run_dir], capture_output=True,
+                                        text=True, check=True, timeout=120).stdout)["summary"]
+    last = result["measured"][-1]
+    for task in TASKS:
+        preds = [r["pred"] for r in result["history"] if r["task"] == task]
+        assert summary[f"csv/{task}/pred"] == {"max": pytest.approx(max(preds), abs=1e-6)}
+        assert summary[f"lmeval/{task}/acc"] == pytest.approx(last[task])
