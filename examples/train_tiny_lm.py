@@ -78,16 +78,15 @@ class LmEvalAccuracy(pl.Callback):
 
 def print_table(history: list[dict], measured: list[dict]) -> None:
     """One row per validation: each task's predicted accuracy, and lm-eval's where it was measured."""
+    pred = {(r["step"], r["task"]): r["pred"] for r in history}
     truth = {r["step"]: r for r in measured}
     print(f"\n{'step':>6}" + "".join(f"{t.removeprefix('ladder_') + ' pred':>14}{'lm-eval':>9}" for t in TASKS))
-    for step in sorted({r["step"] for r in history}):
-        pred = {r["task"]: r["pred"] for r in history if r["step"] == step}
+    for step in sorted({step for step, _ in pred}):
         true = truth.get(step, {})
-        print(f"{step:>6}" + "".join(f"{pred[t]:>14.3f}" + (f"{true[t]:>9.3f}" if t in true else f"{'':>9}") for t in TASKS))
-    err = [(r[t], next(h["pred"] for h in history if h["step"] == r["step"] and h["task"] == t)) for r in measured for t in TASKS]
-    mse = sum((a - p) ** 2 for a, p in err) / len(err)
-    print(f"prediction vs lm-eval over {len(measured)} evaluations x {len(TASKS)} tasks: MSE {mse:.2e}, "
-          f"MAE {sum(abs(a - p) for a, p in err) / len(err):.3f}")
+        print(f"{step:>6}" + "".join(f"{pred[step, t]:>14.3f}" + (f"{true[t]:>9.3f}" if t in true else " " * 9) for t in TASKS))
+    err = [pred[r["step"], t] - r[t] for r in measured for t in TASKS]
+    print(f"prediction vs lm-eval over {len(measured)} evaluations x {len(TASKS)} tasks: "
+          f"MSE {sum(e * e for e in err) / len(err):.2e}, MAE {sum(abs(e) for e in err) / len(err):.3f}")
 
 
 def plot(history: list[dict], measured: list[dict], path: Path) -> None:
