@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-_FINITE_CHUNK = 2**22  # elements per chunk of require_finite's check
+_FINITE_CHUNK = 2**20  # elements per chunk of require_finite's check
 
 
 def as_float_array(x: Any, name: str, ndim: int | tuple[int, ...], dtype: type = np.float64) -> np.ndarray:

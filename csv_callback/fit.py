@@ -32,7 +32,7 @@ from .salience import SalienceVector, SigmoidLink
 # close to uniform, the smallest barely regularises.
 _LAMBDA_GRID = tuple(float(x) for x in np.logspace(0, -4.5, 10))
 _STEPS_PER_LAMBDA = 50
-_GRAM_BLOCK_ELEMENTS = 2**22
+_GRAM_BLOCK_ELEMENTS = 2**19  # a 2 MiB float32 temporary per block of the Gram product
 # The solver's passes over X: column blocks of 2 MiB of float32, which stay in cache between a block's two
 # products (measured at 500 x 1M: CPU per round flat from 1 to 8 MiB blocks, 10% more with 0.5 MiB, where
 # numpy's per-call overhead shows), split over this many threads. A constant, not the core count, so that
