@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -247,7 +247,7 @@ class _Path:
         dL[self.train] = 2 * self.row_w * res * ds_dL
         return self.row_w * float(res @ res), dL, (2 * self.row_w * res) @ ds_dp
 
-    def run(self, lams: Sequence[float], evaluate) -> list[_State]:
+    def run(self, lams: Sequence[float], evaluate: Callable[[np.ndarray, float], tuple[float, np.ndarray, np.ndarray]]) -> list[_State]:
         """The L-BFGS-B path; ``evaluate(x, lam) -> (f, grad, X @ w)`` is this path's objective."""
 
         def objective(x: np.ndarray, lam: float) -> tuple[float, np.ndarray]:
@@ -271,29 +271,34 @@ def _solve_paths(
 ) -> list[list[_State]]:
     """Each training-row mask's path over ``lams``, all solved in lock step (one thread per path)."""
     paths = [_Path(centred, y, tr, X.shape[1], metric) for tr in trains]
-    # One BLAS thread per call: the batched products are split over _SHARDS threads of our own, which
-    # measured faster than OpenBLAS's two threads on these skinny products (BENCHMARKS.md).
+    # One BLAS thread per call: the products are split over _SHARDS column ranges in threads of our own.
+    # OpenBLAS's own two threads were slower on these skinny products and, spinning while Python works
+    # between them, 1.7-10x slower on a busy machine (BENCHMARKS.md).
     with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(_SHARDS) as pool:
         step = _LockStep(X, paths, pool)
-        results: list[Any] = [None] * len(paths)
+        results: list[list[_State]] = [[] for _ in paths]
 
         def run(p: int) -> None:
+            error = None
             try:
                 results[p] = paths[p].run(lams, lambda x, lam: step.evaluate(p, x, lam))
-            except BaseException as e:  # re-raised below, in the caller's thread
-                results[p] = e
+            except BaseException as e:  # stops the other paths; re-raised below, in the caller's thread
+                error = e
             finally:
-                step.finish(p)
+                step.finish(p, error)
 
         threads = [threading.Thread(target=run, args=(p,), daemon=True) for p in range(len(paths))]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
-    for r in results:
-        if isinstance(r, BaseException):
-            raise r
+    if step.error is not None:
+        raise step.error
     return results
+
+
+class _Aborted(Exception):
+    """Raised in a path's thread when another path's failure stopped the fit."""
 
 
 class _LockStep:
@@ -301,8 +306,8 @@ class _LockStep:
     still running and answers all of them with two passes over X.
 
     The products are memory- and overhead-bound skinny matrix products, so one product with a column per
-    path costs little more than one with a single column (measured at 500 x 1M: 0.19 s for 5 columns vs
-    0.06 s for 1). A path's objective blocks until every running path has asked (or finished); the last
+    path costs little more than one with a single column (measured at 500 x 1M, one thread: 0.19 s for 5
+    columns vs 0.06 s for 1). A path's objective blocks until every running path has asked (or finished); the last
     one to arrive computes the round. Every round has one column per path, zeros for finished paths, so
     a column's floating-point result never depends on which paths happened to be running: the fit is
     bit-reproducible.
@@ -331,18 +336,23 @@ class _LockStep:
         self.error: BaseException | None = None
 
     def evaluate(self, p: int, x: np.ndarray, lam: float) -> tuple[float, np.ndarray, np.ndarray]:
+        """Path ``p``'s objective at ``x``: ``(f, grad, X @ w)``, answered when every running path has asked."""
         with self.cond:
             self.requests[p] = (x, lam)
             self._round_if_complete()
             while p not in self.answers and self.error is None:
                 self.cond.wait()
             if p not in self.answers:
-                raise RuntimeError("another path of the fit failed") from self.error
+                raise _Aborted from self.error
             return self.answers.pop(p)
 
-    def finish(self, p: int) -> None:
+    def finish(self, p: int, error: BaseException | None = None) -> None:
+        """Path ``p`` is done; an ``error`` (other than the abort it was sent) stops every path."""
         with self.cond:
             self.running.discard(p)
+            if error is not None and not isinstance(error, _Aborted) and self.error is None:
+                self.error = error
+                self.cond.notify_all()
             self._round_if_complete()
 
     def _round_if_complete(self) -> None:
@@ -350,9 +360,8 @@ class _LockStep:
             return
         try:
             self.answers.update(self._round(self.requests))
-        except BaseException as e:
+        except BaseException as e:  # the paths waiting for this round raise _Aborted; the caller raises e
             self.error = e
-            raise
         finally:
             self.requests = {}
             self.cond.notify_all()

@@ -148,3 +148,19 @@ def test_fit_makes_no_copy_of_the_losses():
     finally:
         tracemalloc.stop()
     assert peak < 0.75 * lad.losses.nbytes
+
+
+def test_a_failing_path_stops_the_fit_without_hanging(ladder, monkeypatch):
+    """The paths wait for each other every evaluation; one path's error must reach the caller, not deadlock."""
+    from csv_callback import fit
+
+    real = fit._Path.link_terms
+
+    def failing(self, x, L):
+        if self.train.all():  # only the final fit's path fails; the folds' paths are waiting for it
+            raise FloatingPointError("injected")
+        return real(self, x, L)
+
+    monkeypatch.setattr(fit._Path, "link_terms", failing)
+    with pytest.raises(FloatingPointError, match="injected"):
+        fit_salience(ladder.losses, ladder.scores, groups=ladder.groups)
