@@ -105,6 +105,17 @@ def fit_salience(
         best on the other folds.
     """
     X, y, fold_of, answer = _validate_fit_inputs(losses, scores, groups, probe, answer_mask, metric, n_folds, seed)
+    # One BLAS thread per call throughout: the solver splits its products over threads of its own, and
+    # OpenBLAS's two threads, spinning while Python works between calls, were slower everywhere and up to
+    # 10x slower on a busy machine (the Gram product at 500 x 1M: 17-21 s vs 2.7 s; BENCHMARKS.md).
+    with threadpool_limits(limits=1, user_api="blas"):
+        return _fit(X, y, fold_of, answer, groups is not None, probe, task, metric)
+
+
+def _fit(
+    X: np.ndarray, y: np.ndarray, fold_of: np.ndarray, answer: np.ndarray | None, grouped: bool,
+    probe: ProbeSet | None, task: str, metric: str,
+) -> SalienceVector:
     m, n = X.shape
     lams = list(_LAMBDA_GRID)
     n_f = int(fold_of.max()) + 1
@@ -149,7 +160,7 @@ def fit_salience(
         "cv_pred": {k: p.tolist() for k, p in cv_pred.items()},
         "scores": y.tolist(),
         "folds": fold_of.tolist(),
-        "cv": "groups" if groups is not None else "random",
+        "cv": "groups" if grouped else "random",
         "train_mse": float(np.mean((final.link(wl) - y) ** 2)),
         "effective_tokens": float(np.exp(-np.sum(weights * np.log(np.maximum(weights, 1e-300))))),
         "n_checkpoints": m,
@@ -271,10 +282,9 @@ def _solve_paths(
 ) -> list[list[_State]]:
     """Each training-row mask's path over ``lams``, all solved in lock step (one thread per path)."""
     paths = [_Path(centred, y, tr, X.shape[1], metric) for tr in trains]
-    # One BLAS thread per call: the products are split over _SHARDS column ranges in threads of our own.
-    # OpenBLAS's own two threads were slower on these skinny products and, spinning while Python works
-    # between them, 1.7-10x slower on a busy machine (BENCHMARKS.md).
-    with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(_SHARDS) as pool:
+    # The products are split over _SHARDS column ranges in threads of our own (each one BLAS thread, see
+    # fit_salience): on these skinny products that beat OpenBLAS's own two threads.
+    with ThreadPoolExecutor(_SHARDS) as pool:
         step = _LockStep(X, paths, pool)
         results: list[list[_State]] = [[] for _ in paths]
 
