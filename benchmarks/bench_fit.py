@@ -3,8 +3,8 @@
 Each run is a fresh process: it builds ``synthetic_ladder(n_tokens=100_000, n_salient=2000,
 checkpoints_per_mixture=50)`` (4 mixtures x 50 checkpoints, cross-validated over the mixtures), times
 ``fit_salience`` and reports the process's peak resident memory (the kernel's ``VmHWM``, which includes
-Python, numpy, scipy and torch themselves and the 80 MB of losses), its CPU time (the fit runs one BLAS
-thread, so on a quiet machine wall time is about CPU time), the 1-minute load average around it, plus the
+Python, numpy, scipy and torch themselves and the 80 MB of losses), its CPU time (the fit's products run in two threads, so on a quiet machine wall time is about half
+the CPU time), the 1-minute load average around it, plus the
 fit's quality: held-out MSE of
 csv, uniform (loss averaging) and label, where the answer mask is the planted salient tokens (so "label"
 is an oracle that knows them), and the weight mass the fit puts on the salient tokens.

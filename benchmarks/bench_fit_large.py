@@ -3,12 +3,13 @@
 Writes a loss store of synthetic checkpoints (``csv_callback.testing.synthetic_ladder``: 4 data mixtures,
 a planted salient token subset) plus a scores CSV with a mixture column, once per (m, n); then runs the real
 console script ``csv-callback fit STORE --scores CSV --groups col:mix`` in a subprocess and reports its wall
-time and peak resident memory (VmHWM, polled) against the size of one float32 copy of the matrix.
+time, CPU time (user + system, all its threads), the 1-minute load average before and after (the machine
+is shared) and its peak resident memory (VmHWM, polled) against the size of one float32 copy of the matrix.
 
 Target (issue 5): m=500, n=1M in < 5 min on 2 cores, holding at most one float32 copy of the matrix.
 
-    PYTHONPATH=/work/main python benchmarks/bench_fit_large.py --rows 500 --tokens 100000
-    PYTHONPATH=/work/main python benchmarks/bench_fit_large.py --rows 500 --tokens 1000000 --timeout 1800
+    PYTHONPATH=. python benchmarks/bench_fit_large.py --rows 500 --tokens 100000
+    PYTHONPATH=. python benchmarks/bench_fit_large.py --rows 500 --tokens 1000000 --timeout 1800
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import csv
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -52,6 +54,8 @@ def build_store(root: Path, rows: int, tokens: int) -> None:
 def run_fit(root: Path, timeout: float) -> dict[str, float]:
     cmd = ["csv-callback", "fit", str(root / "store"), "--task", "synthetic", "--scores", str(root / "scores.csv"),
            "--groups", "col:mix", "--out", str(root / "vector.safetensors")]
+    load_before = os.getloadavg()[0]
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     peak = 0.0
@@ -66,7 +70,11 @@ def run_fit(root: Path, timeout: float) -> dict[str, float]:
     if timed_out:
         proc.kill()
     out = proc.communicate()[0]
-    return {"wall": time.perf_counter() - t, "peak_gib": peak, "timed_out": timed_out, "output": out}
+    wall = time.perf_counter() - t
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime + after.ru_stime - usage.ru_utime - usage.ru_stime
+    return {"wall": wall, "cpu": cpu, "peak_gib": peak, "timed_out": timed_out, "output": out,
+            "load": (load_before, os.getloadavg()[0])}
 
 
 def main() -> None:
@@ -85,7 +93,8 @@ def main() -> None:
     r = run_fit(root, args.timeout)
     print(r["output"].strip())
     state = f"TIMED OUT after {args.timeout:.0f}s" if r["timed_out"] else "finished"
-    print(f"m={args.rows} n={args.tokens}: fit {state}, wall {r['wall']:.1f}s, peak RSS {r['peak_gib']:.2f} GiB = "
+    print(f"m={args.rows} n={args.tokens}: fit {state}, wall {r['wall']:.1f}s, CPU {r['cpu']:.1f}s, load "
+          f"{r['load'][0]:.1f}->{r['load'][1]:.1f}, date {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, peak RSS {r['peak_gib']:.2f} GiB = "
           f"{r['peak_gib'] / matrix_gib:.2f}x one float32 matrix ({matrix_gib:.2f} GiB); threads "
           f"{os.environ.get('OMP_NUM_THREADS', 'default')}, python {sys.version.split()[0]}")
 

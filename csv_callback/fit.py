@@ -13,7 +13,9 @@ data mixtures), since the question is whether a vector transfers to a mixture it
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +32,13 @@ from .salience import SalienceVector, SigmoidLink
 # close to uniform, the smallest barely regularises.
 _LAMBDA_GRID = tuple(float(x) for x in np.logspace(0, -4.5, 10))
 _STEPS_PER_LAMBDA = 50
-_GRAM_BLOCK_ELEMENTS = 2**22
+_GRAM_BLOCK_ELEMENTS = 2**19  # a 2 MiB float32 temporary per block of the Gram product
+# The solver's passes over X: column blocks of 2 MiB of float32, which stay in cache between a block's two
+# products (measured at 500 x 1M: CPU per round flat from 1 to 8 MiB blocks, 10% more with 0.5 MiB, where
+# numpy's per-call overhead shows), split over this many threads. A constant, not the core count, so that
+# a fit's rounding is the same on every machine.
+_BLOCK_ELEMENTS = 2**19
+_SHARDS = 2
 
 
 def fit_link(
@@ -97,6 +105,17 @@ def fit_salience(
         best on the other folds.
     """
     X, y, fold_of, answer = _validate_fit_inputs(losses, scores, groups, probe, answer_mask, metric, n_folds, seed)
+    # One BLAS thread per call throughout: the solver splits its products over threads of its own, and
+    # OpenBLAS's two threads, spinning while Python works between calls, were slower everywhere and up to
+    # 10x slower on a busy machine (the Gram product at 500 x 1M: 17-21 s vs 2.7 s; BENCHMARKS.md).
+    with threadpool_limits(limits=1, user_api="blas"):
+        return _fit(X, y, fold_of, answer, groups is not None, probe, task, metric)
+
+
+def _fit(
+    X: np.ndarray, y: np.ndarray, fold_of: np.ndarray, answer: np.ndarray | None, grouped: bool,
+    probe: ProbeSet | None, task: str, metric: str,
+) -> SalienceVector:
     m, n = X.shape
     lams = list(_LAMBDA_GRID)
     n_f = int(fold_of.max()) + 1
@@ -112,21 +131,26 @@ def fit_salience(
             tr = fold_of != f
             cv_pred[name][~tr] = fit_link(L[tr], y[tr], metric)(L[~tr])
 
+    # One path per fold plus the final fit's (all rows), solved together; the final fit at the chosen lam is
+    # that path's state there, exactly what a path truncated at that lam would end on.
+    trains = [fold_of != f for f in range(n_f)] + [np.ones(m, bool)]
+    paths = _solve_paths(X, centred, y, trains, lams, metric)
     # path_pred[i, j]: prediction for checkpoint j from its fold's fit at lams[i].
     path_pred = np.empty((len(lams), m))
     for f in range(n_f):
-        tr = fold_of != f
-        for i, state in enumerate(_lambda_path(X, centred, y, tr, lams, metric)):
-            path_pred[i, ~tr] = state.link(_matvec(state.w, X[~tr].T))
+        held = fold_of == f
+        for i, state in enumerate(paths[f]):
+            path_pred[i, held] = state.link(state.loss[held])
     fold_mse = np.stack([((path_pred[:, fold_of == f] - y[fold_of == f]) ** 2).mean(axis=1) for f in range(n_f)], 1)
     cv_pred["csv"] = np.empty(m)
     for f in range(n_f):
         others = np.delete(fold_mse, f, axis=1).mean(axis=1)
         cv_pred["csv"][fold_of == f] = path_pred[int(np.argmin(others)), fold_of == f]
     best = int(np.argmin(fold_mse.mean(axis=1)))
-    final = _lambda_path(X, centred, y, np.ones(m, bool), lams[: best + 1], metric)[-1]
+    final = paths[n_f][best]
+    weights = np.exp(log_softmax(_matvec(final.coef, X)))
 
-    wl = _matvec(final.w, X.T)
+    wl = _matvec(weights, X.T)
     report = {
         "lam": lams[best],
         "lam_path": lams,
@@ -136,13 +160,13 @@ def fit_salience(
         "cv_pred": {k: p.tolist() for k, p in cv_pred.items()},
         "scores": y.tolist(),
         "folds": fold_of.tolist(),
-        "cv": "groups" if groups is not None else "random",
+        "cv": "groups" if grouped else "random",
         "train_mse": float(np.mean((final.link(wl) - y) ** 2)),
-        "effective_tokens": float(np.exp(-np.sum(final.w * np.log(np.maximum(final.w, 1e-300))))),
+        "effective_tokens": float(np.exp(-np.sum(weights * np.log(np.maximum(weights, 1e-300))))),
         "n_checkpoints": m,
     }
     return SalienceVector(
-        weights=final.w,
+        weights=weights,
         link=final.link,
         task=task,
         metric=metric,
@@ -156,17 +180,20 @@ def fit_salience(
 # ---------------------------------------------------------------------- the joint solver
 @dataclass
 class _State:
-    w: np.ndarray  # float64 [n], on the simplex
+    """A path's solution at one lam: ``w = softmax(coef @ X)``, the link, and ``X @ w`` for every row."""
+
+    coef: np.ndarray  # float64 [m], zero on rows the path does not train on
     link: SigmoidLink
+    loss: np.ndarray  # float64 [m]: every checkpoint's weighted loss, held-out rows included
 
 
 @dataclass
 class _Centred:
     """Each checkpoint's mean loss and the Gram matrix of the row-centred losses.
 
-    Centring is per row, so every fold's training rows are a subset of the same centred rows: one Gram
-    product serves all folds' bases (it and the basis products were 30% of the fit's time when done per
-    fold), and no centred copy of the whole matrix is kept.
+    Centring is per row, so the centred Gram of any subset of rows is this matrix restricted to them: one
+    product serves every path's basis, and no centred copy of the matrix is ever made (the solver's
+    products use X itself, see :class:`_Path`).
     """
 
     mean: np.ndarray  # float64 [m]
@@ -185,10 +212,9 @@ def _centre(X: np.ndarray) -> _Centred:
     return _Centred(mean=mean, gram=gram)
 
 
-def _lambda_path(
-    X: np.ndarray, centred: _Centred, y: np.ndarray, train: np.ndarray, lams: Sequence[float], metric: str
-) -> list[_State]:
-    """Solutions for ``lams`` (decreasing) on the rows ``train``, each warm-started from the previous.
+class _Path:
+    """One regularisation path: solutions for ``lams`` (decreasing) on the rows ``train``, each warm-started
+    from the previous.
 
     The KL-regularised optimum has ``log w = -X_train^T alpha + const`` for some ``alpha`` (stationarity),
     so the weights are searched in that m-dimensional family, in an orthonormal basis ``B @ Xc_train`` of
@@ -196,30 +222,231 @@ def _lambda_path(
     thousands, of steps). Each strength gets a fixed budget of L-BFGS steps: at the weakest strengths the
     objective is nearly flat and running to convergence only overfits, so the budget is part of the
     regularisation.
+
+    No product needs ``Xc_train``: with the basis coefficients scattered into an m-vector that is zero on
+    held-out rows, ``a @ Xc_train`` is ``a @ X`` minus a constant (which the softmax ignores), and the
+    gradient's ``Xc_train @ g`` is ``(X @ g)[train]`` because ``g`` sums to zero. So every path reads the
+    same matrix and :class:`_LockStep` can serve all of them with one pass.
     """
-    mean, y = centred.mean[train], y[train]
-    # One copy of the training rows, centred in place: every product reads only them.
-    Xc = X[train]
-    Xc -= mean[:, None].astype(X.dtype)
-    B = _whitening(centred.gram[np.ix_(train, train)], Xc.shape[1])
-    r = B.shape[0]
-    link = fit_link(mean, y, metric)
-    lower, upper = _link_bounds(metric)
-    bounds = Bounds(np.concatenate([np.full(r, -np.inf), lower]), np.concatenate([np.full(r, np.inf), upper]))
-    # Dividing the MSE by the score variance makes the objective O(1), so lam is relative and L-BFGS's
-    # tolerances are scale-free.
-    row_w = 1.0 / len(y) / max(float(np.var(y)), 1e-12)
-    x = np.concatenate([np.zeros(r), np.clip(_to_params(link.lo, link.hi, link.k, link.L0), lower, upper)])
-    states = []
-    # One BLAS thread: these matrix-vector products are memory-bound, and idle OpenBLAS threads spin on
-    # the second core, halving the speed of everything between them (measured: 26 s vs 54 s, BENCHMARKS.md).
-    with threadpool_limits(limits=1, user_api="blas"):
+
+    def __init__(self, centred: _Centred, y: np.ndarray, train: np.ndarray, n: int, metric: str) -> None:
+        self.train, self.y = train, y[train]
+        self.B = _whitening(centred.gram[np.ix_(train, train)], n)  # [r, m_train]
+        self.r = self.B.shape[0]
+        # Dividing the MSE by the score variance makes the objective O(1), so lam is relative and L-BFGS's
+        # tolerances are scale-free.
+        self.row_w = 1.0 / len(self.y) / max(float(np.var(self.y)), 1e-12)
+        link = fit_link(centred.mean[train], self.y, metric)
+        lower, upper = _link_bounds(metric)
+        self.bounds = Bounds(np.concatenate([np.full(self.r, -np.inf), lower]),
+                             np.concatenate([np.full(self.r, np.inf), upper]))
+        self.x0 = np.concatenate([np.zeros(self.r), np.clip(_to_params(link.lo, link.hi, link.k, link.L0), lower, upper)])
+        self.last: tuple[np.ndarray, np.ndarray] | None = None  # (x, X @ w) of the latest evaluation
+
+    def coef(self, x: np.ndarray) -> np.ndarray:
+        """float64 ``[m]``: ``w = softmax(coef @ X)``, zero on held-out rows."""
+        a = np.zeros(len(self.train))
+        a[self.train] = x[: self.r] @ self.B
+        return a
+
+    def link_terms(self, x: np.ndarray, L: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
+        """Given every row's weighted loss ``L`` ``[m]``: the weighted MSE, its derivative in ``L`` (``[m]``,
+        zero on held-out rows) and its gradient in the link parameters ``[4]``."""
+        s, ds_dL, ds_dp = _link_eval(x[self.r :], L[self.train], grad=True)
+        res = s - self.y
+        dL = np.zeros(len(self.train))
+        dL[self.train] = 2 * self.row_w * res * ds_dL
+        return self.row_w * float(res @ res), dL, (2 * self.row_w * res) @ ds_dp
+
+    def run(self, lams: Sequence[float], evaluate: Callable[[np.ndarray, float], tuple[float, np.ndarray, np.ndarray]]) -> list[_State]:
+        """The L-BFGS-B path; ``evaluate(x, lam) -> (f, grad, X @ w)`` is this path's objective."""
+
+        def objective(x: np.ndarray, lam: float) -> tuple[float, np.ndarray]:
+            f, grad, L = evaluate(x, lam)
+            self.last = (x.copy(), L)
+            return f, grad
+
+        x, states = self.x0, []
         for lam in lams:
-            res = minimize(_objective, x, args=(Xc, B, mean, y, row_w, lam), jac=True, method="L-BFGS-B",
-                           bounds=bounds, options={"maxiter": _STEPS_PER_LAMBDA, "ftol": 1e-12, "gtol": 1e-9})
+            res = minimize(objective, x, args=(lam,), jac=True, method="L-BFGS-B", bounds=self.bounds,
+                           options={"maxiter": _STEPS_PER_LAMBDA, "ftol": 1e-12, "gtol": 1e-9})
             x = res.x
-            states.append(_State(w=np.exp(log_softmax(_matvec(x[:r] @ B, Xc))), link=_to_link(x[r:])))
-    return states
+            if self.last is None or not np.array_equal(self.last[0], x):  # L-BFGS-B ended off its last evaluation
+                objective(x, lam)
+            states.append(_State(coef=self.coef(x), link=_to_link(x[self.r :]), loss=self.last[1]))
+        return states
+
+
+def _solve_paths(
+    X: np.ndarray, centred: _Centred, y: np.ndarray, trains: Sequence[np.ndarray], lams: Sequence[float], metric: str
+) -> list[list[_State]]:
+    """Each training-row mask's path over ``lams``, all solved in lock step (one thread per path)."""
+    paths = [_Path(centred, y, tr, X.shape[1], metric) for tr in trains]
+    # The products are split over _SHARDS column ranges in threads of our own (each one BLAS thread, see
+    # fit_salience): on these skinny products that beat OpenBLAS's own two threads.
+    with ThreadPoolExecutor(_SHARDS) as pool:
+        step = _LockStep(X, paths, pool)
+        results: list[list[_State]] = [[] for _ in paths]
+
+        def run(p: int) -> None:
+            error = None
+            try:
+                results[p] = paths[p].run(lams, lambda x, lam: step.evaluate(p, x, lam))
+            except BaseException as e:  # stops the other paths; re-raised below, in the caller's thread
+                error = e
+            finally:
+                step.finish(p, error)
+
+        threads = [threading.Thread(target=run, args=(p,), daemon=True) for p in range(len(paths))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    if step.error is not None:
+        raise step.error
+    return results
+
+
+class _Aborted(Exception):
+    """Raised in a path's thread when another path's failure stopped the fit."""
+
+
+class _LockStep:
+    """Evaluates the objectives of several paths together: each round takes one request from every path
+    still running and answers all of them with two passes over X.
+
+    The products are skinny matrix products, so one product with a column per path costs far less than
+    one product per path (measured at 500 x 1M, one thread: 0.19 s for 5 columns vs 5 x 0.06 s). A path's
+    objective blocks until every running path has asked (or finished); the last one to arrive computes
+    the round. Every round's products have the same columns: one per path (zeros for a finished path) plus
+    zero padding to a multiple of 4, so a column's floating-point result never depends on which paths
+    happened to be running: the fit is bit-reproducible.
+
+    Pass 1 computes ``z = A^T X`` (kept, float64 [P, n]) and ``X @ w`` with an online softmax (a running
+    max and sum per path, rescaling the accumulated product when the max grows); pass 2 computes
+    ``v = C^T X + lam log w`` and ``X @ (w * v)``, from which the gradient follows. Both go over column
+    blocks small enough to stay in cache, so each reads X from memory once, and over ``_SHARDS`` column
+    ranges in parallel, merged in a fixed order.
+    """
+
+    def __init__(self, X: np.ndarray, paths: Sequence[_Path], pool: ThreadPoolExecutor) -> None:
+        self.X, self.paths, self.pool = X, paths, pool
+        m, n = X.shape
+        self.block = max(256, _BLOCK_ELEMENTS // m)
+        edges = np.linspace(0, -(-n // self.block), _SHARDS + 1).round().astype(int) * self.block
+        self.shards = [(int(a), int(min(b, n))) for a, b in zip(edges[:-1], edges[1:]) if a < n]
+        # Products with a multiple of 4 columns: OpenBLAS's kernels work in groups of 4, and 8 columns
+        # measured 16% faster than 5. The padding columns are zero.
+        self.cols = -(-len(paths) // 4) * 4
+        self.z = np.empty((len(paths), n))
+        self.cond = threading.Condition()
+        self.running = set(range(len(paths)))
+        self.requests: dict[int, tuple[np.ndarray, float]] = {}
+        self.answers: dict[int, tuple[float, np.ndarray, np.ndarray]] = {}
+        self.error: BaseException | None = None
+
+    def evaluate(self, p: int, x: np.ndarray, lam: float) -> tuple[float, np.ndarray, np.ndarray]:
+        """Path ``p``'s objective at ``x``: ``(f, grad, X @ w)``, answered when every running path has asked."""
+        with self.cond:
+            self.requests[p] = (x, lam)
+            self._round_if_complete()
+            while p not in self.answers and self.error is None:
+                self.cond.wait()
+            if p not in self.answers:
+                raise _Aborted from self.error
+            return self.answers.pop(p)
+
+    def finish(self, p: int, error: BaseException | None = None) -> None:
+        """Path ``p`` is done; an ``error`` (other than the abort it was sent) stops every path."""
+        with self.cond:
+            self.running.discard(p)
+            if error is not None and not isinstance(error, _Aborted) and self.error is None:
+                self.error = error
+                self.cond.notify_all()
+            self._round_if_complete()
+
+    def _round_if_complete(self) -> None:
+        if not self.requests or len(self.requests) < len(self.running) or self.error is not None:
+            return
+        try:
+            self.answers.update(self._round(self.requests))
+        except BaseException as e:  # the paths waiting for this round raise _Aborted; the caller raises e
+            self.error = e
+        finally:
+            self.requests = {}
+            self.cond.notify_all()
+
+    def _round(self, requests: dict[int, tuple[np.ndarray, float]]) -> dict[int, tuple[float, np.ndarray, np.ndarray]]:
+        """The objective: weighted MSE + lam * KL(w || uniform) and its gradient in (basis coefficients,
+        link parameters), plus ``X @ w`` ``[m]``, for each requesting path."""
+        m, n = self.X.shape
+        P = len(self.paths)
+        A, C, lam = np.zeros((self.cols, m), self.X.dtype), np.zeros((self.cols, m), self.X.dtype), np.zeros(P)
+        for p, (x, lam[p]) in requests.items():
+            A[p] = self.paths[p].coef(x)
+        lse, Lw = self._pass1(A)  # log-sum-exp [P], X @ w [m, P]
+        fit = {}
+        for p, (x, _) in requests.items():
+            fit[p] = self.paths[p].link_terms(x, Lw[:, p])
+            C[p] = fit[p][1]
+        wv, wlogw, Xwv = self._pass2(C, lse, lam)
+        # d f / d z = w * (v - w.v) with v = d f / d w; constants in v (the row means' part of C^T X) cancel.
+        Xg = Xwv - wv * Lw
+        out = {}
+        for p, (x, _) in requests.items():
+            path, (mse, _, g_link) = self.paths[p], fit[p]
+            f = mse + lam[p] * (wlogw[p] + math.log(n))
+            out[p] = (f, np.concatenate([path.B @ Xg[path.train, p], g_link]), Lw[:, p].copy())
+        return out
+
+    def _pass1(self, At: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``z = At @ X`` into ``self.z``; returns log-sum-exp ``[P]`` and ``X @ softmax(z)`` ``[m, P]``."""
+        P = len(self.paths)
+
+        def shard(lo: int, hi: int):
+            top, total, acc = np.full(P, -np.inf), np.zeros(P), np.zeros((self.X.shape[0], P))
+            e = np.zeros((self.cols, self.block), self.X.dtype)  # padding rows stay zero
+            for a, Xb in self._blocks(lo, hi):
+                zb = self.z[:, a : a + Xb.shape[1]]
+                zb[:] = (At @ Xb)[:P]
+                new_top = np.maximum(top, zb.max(axis=1))
+                rescale = np.exp(top - new_top)
+                eb = np.exp(zb - new_top[:, None])
+                total = total * rescale + eb.sum(axis=1)
+                e[:P, : Xb.shape[1]] = eb
+                acc = acc * rescale + (Xb @ e[:, : Xb.shape[1]].T)[:, :P]
+                top = new_top
+            return top, total, acc
+
+        parts = list(self.pool.map(lambda s: shard(*s), self.shards))
+        top = np.max([t for t, _, _ in parts], axis=0)
+        total = sum(s * np.exp(t - top) for t, s, _ in parts)
+        acc = sum(a * np.exp(t - top) for t, _, a in parts)
+        return top + np.log(total), acc / total
+
+    def _pass2(self, Ct: np.ndarray, lse: np.ndarray, lam: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """With ``v = Ct @ X + lam log w``: ``w . v`` ``[P]``, ``w . log w`` ``[P]`` and ``X @ (w * v)`` ``[m, P]``."""
+        P = len(self.paths)
+
+        def shard(lo: int, hi: int):
+            wv, wlogw, acc = np.zeros(P), np.zeros(P), np.zeros((self.X.shape[0], P))
+            e = np.zeros((self.cols, self.block), self.X.dtype)
+            for a, Xb in self._blocks(lo, hi):
+                logw = self.z[:, a : a + Xb.shape[1]] - lse[:, None]
+                w = np.exp(logw)
+                wvb = w * ((Ct @ Xb)[:P] + lam[:, None] * logw)
+                wv += wvb.sum(axis=1)
+                wlogw += (w * logw).sum(axis=1)
+                e[:P, : Xb.shape[1]] = wvb
+                acc += (Xb @ e[:, : Xb.shape[1]].T)[:, :P]
+            return wv, wlogw, acc
+
+        parts = list(self.pool.map(lambda s: shard(*s), self.shards))
+        return tuple(sum(part[i] for part in parts) for i in range(3))
+
+    def _blocks(self, lo: int, hi: int):
+        for a in range(lo, hi, self.block):
+            yield a, self.X[:, a : min(a + self.block, hi)]
 
 
 def _whitening(gram: np.ndarray, n: int) -> np.ndarray:
@@ -233,21 +460,6 @@ def _whitening(gram: np.ndarray, n: int) -> np.ndarray:
 def _matvec(a: np.ndarray, M: np.ndarray) -> np.ndarray:
     """``a @ M`` for a float64 vector and a float32 matrix, without upcasting the matrix."""
     return (a.astype(M.dtype) @ M).astype(np.float64)
-
-
-def _objective(x, Xc, B, mean, y, row_w, lam) -> tuple[float, np.ndarray]:
-    """Weighted MSE + lam * KL(w || uniform) and its gradient in (basis coefficients, link params)."""
-    r, n = B.shape[0], Xc.shape[1]
-    logw = log_softmax(_matvec(x[:r] @ B, Xc))
-    w = np.exp(logw)
-    L = mean + _matvec(w, Xc.T)  # = X_train @ w, as w sums to 1
-    s, ds_dL, ds_dp = _link_eval(x[r:], L, grad=True)
-    res = s - y
-    f = row_w * float(res @ res) + lam * (float(w @ logw) + math.log(n))
-    # d f / d w up to a constant (the row means' part is one), which the simplex projection below removes.
-    v = _matvec(2 * row_w * res * ds_dL, Xc) + lam * logw
-    g_z = w * (v - w @ v)
-    return f, np.concatenate([B @ _matvec(g_z, Xc.T), (2 * row_w * res) @ ds_dp])
 
 
 # ---------------------------------------------------------------------- link parameterisation
