@@ -5,7 +5,8 @@ model can only get right by learning that capability from its share of the train
 
 - ``facts``: ``N_FACTS`` made-up facts to memorise (``# bq x``: the fact for ``bq`` is ``x``), drawn with
   Zipf-like frequencies, so a model learns them one by one, frequent ones first;
-- ``arith``: adding 3 to a three-digit number (``$ 472+3=475``), a digit rule plus a carry;
+- ``arith``: adding 3 to a one-digit number modulo 10 (``$ 8+3=1``) or a two-digit number modulo 100
+  (``$ 47+3=50``): a digit rule, then a carry;
 - ``pattern``: continue a random repeating letter pattern (``@ c f k c f k c f``), an in-context skill.
 
 A :class:`Mixture` gives each capability a share of the training lines (the rest is general text); the
@@ -37,7 +38,7 @@ LETTERS = "abcdefghijklmnopqrstuvwxyz"
 N_FACTS = 160
 FACT_ZIPF = 1.0  # fact i is drawn with probability proportional to (i + 1) ** -FACT_ZIPF
 ADDEND = 3
-ARITH_DIGITS = 2
+ARITH_DIGITS = (1, 2)  # numbers of one digit (mod 10) or two (mod 100): an easy stage and a harder one
 N_QUESTIONS = 400  # per task at most, in blocks of N_CHOICES
 SOURCES = ("facts", "arith", "pattern")
 TASKS = tuple(f"ladder_{s}" for s in SOURCES)
@@ -99,7 +100,12 @@ class World:
             keys = rng.choices(list(self.facts), weights=self.fact_weights, k=4)
             return " ".join(f"# {k} {self.facts[k]}" for k in keys)
         if source == "arith":
-            return " ".join(f"$ {_sum_question(a)}{_sum(a)}" for a in rng.choices(range(10**ARITH_DIGITS), k=4))
+            sums = []
+            for _ in range(4):
+                digits = rng.choice(ARITH_DIGITS)
+                a = rng.randrange(10**digits)
+                sums.append(f"$ {_sum_question(a, digits)}{_sum(a, digits)}")
+            return " ".join(sums)
         if source == "pattern":
             return "@ " + " ".join(_pattern(rng, 16))
         raise ValueError(f"unknown capability source {source!r}; expected one of {SOURCES}.")
@@ -173,11 +179,13 @@ class World:
             keys = list(self.facts)[: N_QUESTIONS]
             blocks = [[(f"# {k}", self.facts[k]) for k in keys[i : i + N_CHOICES]] for i in range(0, len(keys), N_CHOICES)]
         elif task == "ladder_arith":
-            # a0, a0 + 1, a0 + 10, a0 + 11 with even tens and units digits: disjoint blocks whose sums differ in
-            # the units digit, the tens digit, or both (so the carry matters).
-            starts = [a for a in range(10**ARITH_DIGITS) if a % 2 == 0 and (a // 10) % 2 == 0]
-            for a0 in rng.sample(starts, min(n_blocks, len(starts))):
-                blocks.append([(f"$ {_sum_question(a)}", _sum(a)) for a in (a0, a0 + 1, a0 + 10, a0 + 11)])
+            # One-digit blocks: four of the ten sums. Two-digit blocks: a0, a0 + 1, a0 + 10, a0 + 11 with even
+            # tens and units digits (25 disjoint blocks), whose sums differ in the units digit, the tens digit, or
+            # both (so the carry matters).
+            for _ in range(25):
+                blocks.append([(f"$ {_sum_question(a, 1)}", _sum(a, 1)) for a in rng.sample(range(10), N_CHOICES)])
+            for a0 in (a for a in range(100) if a % 2 == 0 and (a // 10) % 2 == 0):
+                blocks.append([(f"$ {_sum_question(a, 2)}", _sum(a, 2)) for a in (a0, a0 + 1, a0 + 10, a0 + 11)])
         else:
             for _ in range(n_blocks):
                 letters = rng.sample(LETTERS, N_CHOICES)
@@ -246,12 +254,12 @@ def results_document(scores: dict[str, float], model_name: str) -> dict:
     }
 
 
-def _sum_question(a: int) -> str:
-    return f"{a:0{ARITH_DIGITS}d}+{ADDEND}="
+def _sum_question(a: int, digits: int) -> str:
+    return f"{a:0{digits}d}+{ADDEND}="
 
 
-def _sum(a: int) -> str:
-    return f"{(a + ADDEND) % 10**ARITH_DIGITS:0{ARITH_DIGITS}d}"
+def _sum(a: int, digits: int) -> str:
+    return f"{(a + ADDEND) % 10**digits:0{digits}d}"
 
 
 def _pattern(rng: random.Random, length: int) -> list[str]:
