@@ -73,6 +73,9 @@ MIXTURES = (
     # fitting set (see the first evaluation in git history: 6bebce2).
     Mixture("balanced", 0.10, 0.10, 0.10),
     Mixture("capable", 0.20, 0.20, 0.20),
+    # Two capabilities heavy at once: holding out one mixture still leaves others with high scores of each task.
+    Mixture("facts+pattern", 0.20, 0.04, 0.20),
+    Mixture("arith+pattern", 0.04, 0.20, 0.20),
 )
 
 
