@@ -76,6 +76,8 @@ MIXTURES = (
     # Two capabilities heavy at once: holding out one mixture still leaves others with high scores of each task.
     Mixture("facts+pattern", 0.20, 0.04, 0.20),
     Mixture("arith+pattern", 0.04, 0.20, 0.20),
+    # Sums emerge late and abruptly; at half the lines the smaller sizes learn them too.
+    Mixture("arith-heavy", 0.04, 0.50, 0.04),
 )
 
 
