@@ -5,7 +5,7 @@ benchmark accuracies stream into W&B next to the accuracies lm-eval-harness real
     python examples/train_tiny_lm.py --no-wandb # CSV logs only
 
 The vectors in ``examples/assets/`` were fitted on the ladder benchmark (``benchmarks/ladder``: 4 model sizes
-x 8 data mixtures x 9 checkpoints, scored with lm-eval-harness) for its three multiple-choice tasks: facts
+x 9 data mixtures x 9 checkpoints, scored with lm-eval-harness) for its three multiple-choice tasks: facts
 to recall, sums to complete and letter patterns to continue. This run uses the ladder's world (the same
 locally trained tokenizer, pydoc text plus generated capability lines) with a new mixture of those sources.
 :class:`SalienceCallback` predicts each task's accuracy at every validation, from one forward pass over the
@@ -40,7 +40,7 @@ from train import SIZES, LadderLM  # noqa: E402
 from world import TASKS, Mixture, World  # noqa: E402
 
 # Shares of the training lines per capability source; the ladder's mixtures are general (2% each), one
-# source at 30%, balanced (10%), capable (20%) and two sources at 20%: this one is none of them.
+# source at 30%, balanced (10%), capable (20%), two sources at 20%, sums at 50%: this one is none of them.
 DEMO_MIXTURE = Mixture("demo", facts=0.15, arith=0.25, pattern=0.06)
 
 
