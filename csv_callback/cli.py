@@ -84,7 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Fit a salience vector for one task from a loss store and the checkpoints' "
                        "scores, from lm-eval-harness results files (--lmeval) or a CSV (--scores), and print the "
                        "cross-validated error of csv vs uniform (loss averaging) vs label (answer-token loss).")
-    s.add_argument("losses", help="loss store directory (from collect or SalienceCallback(save_dir=...))")
+    s.add_argument("losses", nargs="+", help="loss store directory (from collect or SalienceCallback(save_dir=...)); "
+                   "several (e.g. one save_dir per run) name their checkpoints <store>/<name>, the store's path "
+                   "relative to their common parent")
     s.add_argument("--task", required=True, help="task name (as in the lm-eval results)")
     s.add_argument("--out", required=True, help="output vector .safetensors")
     src = s.add_mutually_exclusive_group(required=True)
@@ -213,10 +215,11 @@ def cmd_fit(args: argparse.Namespace) -> int:
     from .fit import fit_salience
     from .lmeval import read_mapping, scores_from_csv, scores_from_lmeval
 
-    store = LossStore(args.losses)
-    if store.fingerprint is None:
-        raise ValueError(f"{args.losses} is not a loss store (no probe.safetensors); run csv-callback collect first.")
-    probe = store.probe()
+    stores = [LossStore(root) for root in args.losses]
+    for store in stores:
+        if store.fingerprint is None:
+            raise ValueError(f"{store.root} is not a loss store (no probe.safetensors); run csv-callback collect first.")
+    probe = stores[0].probe()
     table = load_losses(args.losses, probe.fingerprint)
     rows: list[dict[str, str]] | None = None
     if args.lmeval:
@@ -228,7 +231,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     by_name = {s.checkpoint: s for s in scores}
     unknown = sorted(set(by_name) - set(table.names))
     if unknown:
-        raise ValueError(f"scores name checkpoint(s) {unknown[:5]} that are not in {args.losses} "
+        raise ValueError(f"scores name checkpoint(s) {unknown[:5]} that are not in {', '.join(args.losses)} "
                          f"(it has e.g. {table.names[:5]}); collect them or fix the names.")
     keep = [i for i, name in enumerate(table.names) if name in by_name]
     if len(keep) < len(table.names):

@@ -19,6 +19,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -109,36 +110,60 @@ class LossStore:
         return ProbeSet.load(self.root / "probe.safetensors")
 
 
-def load_losses(root: str | os.PathLike, fingerprint: str | None = None) -> LossTable:
-    """Read every checkpoint in a store as one ``[m, n]`` float32 matrix (one copy, filled row by row).
+def load_losses(
+    root: str | os.PathLike | Sequence[str | os.PathLike], fingerprint: str | None = None
+) -> LossTable:
+    """Read every checkpoint in one store, or in several, as one ``[m, n]`` float32 matrix (one copy, filled row
+    by row).
 
-    ``fingerprint`` (optional) is the probe the caller expects; a store of another probe raises
-    :class:`ProbeMismatchError`. A corrupt or foreign file raises ValueError naming it.
+    Several stores (e.g. the ``save_dir`` of each of several runs, whose checkpoints are all named
+    ``step-...``) must share one probe; their checkpoints are named ``<store>/<name>``, where ``<store>`` is
+    the store's path relative to the stores' common parent (``runA/probe_losses/step-000001000``), and come
+    store by store in the order given. ``fingerprint`` (optional) is the probe the caller expects; a store
+    of another probe raises :class:`ProbeMismatchError`. A corrupt or foreign file raises ValueError naming it.
     """
-    files = sorted((Path(root) / "losses").glob("*.safetensors"))
-    if not files:
-        raise ValueError(f"{root} holds no loss files (expected {Path(root) / 'losses' / '*.safetensors'}).")
-    heads = [_read_header(f) for f in files]
-    fps = {h["fingerprint"] for h in heads}
-    if len(fps) > 1:
-        raise ProbeMismatchError(f"{root} mixes losses of several probes {sorted(fps)}; keep one probe per directory.")
-    fp = fps.pop()
-    if fingerprint is not None and fp != fingerprint:
-        raise ProbeMismatchError(f"{root} holds losses of probe {fp}, but probe {fingerprint} was expected.")
+    roots = [Path(root)] if isinstance(root, (str, os.PathLike)) else [Path(r) for r in root]
+    if not roots:
+        raise ValueError("load_losses needs at least one store directory.")
+    if len({r.resolve() for r in roots}) < len(roots):
+        raise ValueError(f"the same store is given twice in {[str(r) for r in roots]}; name each store once.")
+    labels = [""] if len(roots) == 1 else [
+        r.resolve().relative_to(os.path.commonpath([q.resolve() for q in roots])).as_posix() + "/" for r in roots
+    ]
+    files, heads, expected = [], [], fingerprint
+    for r, label in zip(roots, labels):
+        found = sorted((r / "losses").glob("*.safetensors"))
+        if not found:
+            raise ValueError(f"{r} holds no loss files (expected {r / 'losses' / '*.safetensors'}).")
+        store_heads = [_read_header(f) for f in found]
+        fps = {h["fingerprint"] for h in store_heads}
+        if len(fps) > 1:
+            raise ProbeMismatchError(f"{r} mixes losses of several probes {sorted(fps)}; keep one probe per directory.")
+        fp = fps.pop()
+        if expected is None:
+            expected = fp
+        elif fp != expected:
+            raise ProbeMismatchError(
+                f"{r} holds losses of probe {fp}, but probe {expected} was expected "
+                f"({'by the caller' if fingerprint else 'the probe of ' + str(roots[0])}); fit or apply vectors "
+                "on stores of one probe."
+            )
+        order = sorted(range(len(found)), key=lambda i: (store_heads[i]["step"], store_heads[i]["name"]))
+        files += [found[i] for i in order]
+        heads += [{**store_heads[i], "name": label + store_heads[i]["name"]} for i in order]
     sizes = {h["n"] for h in heads}
     if len(sizes) > 1:
-        raise ValueError(f"{root}: loss files have different lengths {sorted(sizes)}; some are corrupt.")
-    order = sorted(range(len(files)), key=lambda i: (heads[i]["step"], heads[i]["name"]))
+        raise ValueError(f"{', '.join(map(str, roots))}: loss files have different lengths {sorted(sizes)}; some are corrupt.")
     out = np.empty((len(files), sizes.pop()), dtype=np.float32)
-    for row, i in enumerate(order):
-        out[row] = read_safetensors(files[i], FORMAT, ("losses",))[0]["losses"].numpy()
+    for row, f in enumerate(files):
+        out[row] = read_safetensors(f, FORMAT, ("losses",))[0]["losses"].numpy()
     return LossTable(
         losses=out,
-        names=[heads[i]["name"] for i in order],
-        steps=np.array([heads[i]["step"] for i in order], dtype=np.int64),
-        tokens_seen=np.array([heads[i]["tokens_seen"] for i in order], dtype=np.float64),
-        fingerprint=fp,
-        extra=[heads[i]["extra"] for i in order],
+        names=[h["name"] for h in heads],
+        steps=np.array([h["step"] for h in heads], dtype=np.int64),
+        tokens_seen=np.array([h["tokens_seen"] for h in heads], dtype=np.float64),
+        fingerprint=expected,
+        extra=[h["extra"] for h in heads],
     )
 
 

@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM
 
 from csv_callback import ProbeSet, SalienceVector, token_losses
 from csv_callback.cli import main
-from csv_callback.store import load_losses
+from csv_callback.store import LossStore, load_losses
 from csv_callback.testing import tiny_gpt2, train_tokenizer
 
 ITEMS = arithmetic_items()
@@ -320,6 +320,41 @@ def test_fit_bad_input(store, scores_csv, tmp_path, capsys):
     assert "appears twice" in err("--scores", str(dup))
     assert main(["fit", str(tmp_path), "--task", "x", "--scores", str(scores_csv), "--out", str(tmp_path / "v")]) == 2
     assert "not a loss store" in capsys.readouterr().err
+
+
+def test_fit_from_several_stores_names_checkpoints_by_store(work, probe_file, store, scores_csv, tokenizer, tmp_path, capsys):
+    """One store per run (as each run's SalienceCallback save_dir would be) fits like one store of all runs."""
+    root, runs = work
+    stores = []
+    for run, ckpts in runs.items():
+        stores.append(tmp_path / "stores" / run)
+        assert main(["collect", *map(str, ckpts), "--probe", str(probe_file), "--out", str(stores[-1]), "--no-progress"]) == 0
+    one, several = load_losses(store), load_losses(stores)
+    # <store>/<name>, the store's path relative to the stores' common parent: here the same names as one store
+    # collected with --name-parts 2, and the same rows.
+    assert sorted(several.names) == sorted(one.names) and several.names[0].startswith("runA/")
+    rows = {name: row for name, row in zip(one.names, one.losses)}
+    assert all(np.array_equal(rows[name], row) for name, row in zip(several.names, several.losses))
+    vec = tmp_path / "v.safetensors"
+    assert main(["fit", *map(str, stores), "--task", "arith", "--scores", str(scores_csv), "--groups", r"re:^(run\w)/",
+                 "--out", str(vec)]) == 0
+    rep = SalienceVector.load(vec).fit_report
+    assert rep["checkpoints"] == several.names and sorted(set(rep["groups"])) == ["runA", "runB"]
+    capsys.readouterr()
+
+    # Bad input: a store named twice, a store of another probe, a directory that is not a store.
+    assert main(["fit", str(stores[0]), str(stores[0]), "--task", "arith", "--scores", str(scores_csv),
+                 "--out", str(tmp_path / "w")]) == 2
+    assert "given twice" in capsys.readouterr().err
+    other = ProbeSet.from_texts(["A different probe text."], tokenizer, 16)
+    LossStore(tmp_path / "stores" / "other", other).write("step-1", np.ones(other.n_tokens, np.float32), step=1)
+    assert main(["fit", *map(str, stores), str(tmp_path / "stores" / "other"), "--task", "arith", "--scores",
+                 str(scores_csv), "--out", str(tmp_path / "w")]) == 2
+    assert f"probe {other.fingerprint}" in capsys.readouterr().err
+    assert main(["fit", str(stores[0]), str(tmp_path), "--task", "arith", "--scores", str(scores_csv),
+                 "--out", str(tmp_path / "w")]) == 2
+    assert "not a loss store" in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()
 
 
 def test_predict_table_and_json(store, scores_csv, tmp_path, capsys):
