@@ -324,7 +324,7 @@ def test_fit_bad_input(store, scores_csv, tmp_path, capsys):
 
 def test_fit_from_several_stores_names_checkpoints_by_store(work, probe_file, store, scores_csv, tokenizer, tmp_path, capsys):
     """One store per run (as each run's SalienceCallback save_dir would be) fits like one store of all runs."""
-    root, runs = work
+    _, runs = work
     stores = []
     for run, ckpts in runs.items():
         stores.append(tmp_path / "stores" / run)
