@@ -51,7 +51,7 @@ LR_AT_64 = 3e-3  # peak learning rate of the 64-wide model; scaled by (64 / widt
 WARMUP = 30
 N_CHECKPOINTS = 9
 FIRST_CHECKPOINT = 10
-SAVED_MODEL_RUN = ("s1", "general")  # its last checkpoint is saved for tests/test_ladder_scorer.py
+SAVED_MODEL_RUN = ("s1", "capable")  # its last checkpoint (well above chance) is saved for tests/test_ladder_scorer.py
 
 
 def checkpoint_steps(steps: int = STEPS, n: int = N_CHECKPOINTS, first: int = FIRST_CHECKPOINT) -> list[int]:
