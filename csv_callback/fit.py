@@ -116,7 +116,7 @@ def _fit(
     X: np.ndarray, y: np.ndarray, fold_of: np.ndarray, answer: np.ndarray | None, grouped: bool,
     probe: ProbeSet | None, task: str, metric: str,
 ) -> SalienceVector:
-    m, n = X.shape
+    m = X.shape[0]
     lams = list(_LAMBDA_GRID)
     n_f = int(fold_of.max()) + 1
     centred = _centre(X)
@@ -393,7 +393,7 @@ class _LockStep:
         # d f / d z = w * (v - w.v) with v = d f / d w; constants in v (the row means' part of C^T X) cancel.
         Xg = Xwv - wv * Lw
         out = {}
-        for p, (x, _) in requests.items():
+        for p in requests:
             path, (mse, _, g_link) = self.paths[p], fit[p]
             f = mse + lam[p] * (wlogw[p] + math.log(n))
             out[p] = (f, np.concatenate([path.B @ Xg[path.train, p], g_link]), Lw[:, p].copy())
