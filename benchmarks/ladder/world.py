@@ -171,14 +171,13 @@ class World:
 
     # ------------------------------------------------------------------ the downstream tasks
     def questions(self, task: str) -> list[dict]:
-        """lm-eval docs ``{"question", "choices", "answer"}``: ``N_QUESTIONS`` questions in blocks of
+        """lm-eval docs ``{"question", "choices", "answer"}``: at most ``N_QUESTIONS`` questions in blocks of
         ``N_CHOICES`` that share their choices, each choice right in one question of its block. Each choice
         follows the question after ``TARGET_DELIMITER[task]`` (the YAML's ``target_delimiter``), as in the
         training lines."""
         if task not in TASKS:
             raise ValueError(f"unknown task {task!r}; expected one of {TASKS}.")
         rng = random.Random(self.seed + 2000 + TASKS.index(task))
-        n_blocks = N_QUESTIONS // N_CHOICES
         blocks: list[list[tuple[str, str]]] = []  # per block: (question, right answer) x N_CHOICES
         if task == "ladder_facts":
             keys = list(self.facts)[: N_QUESTIONS]
@@ -192,7 +191,7 @@ class World:
             for a0 in (a for a in range(100) if a % 2 == 0 and (a // 10) % 2 == 0):
                 blocks.append([(f"$ {_sum_question(a, 2)}", _sum(a, 2)) for a in (a0, a0 + 1, a0 + 10, a0 + 11)])
         else:
-            for _ in range(n_blocks):
+            for _ in range(N_QUESTIONS // N_CHOICES):
                 letters = rng.sample(LETTERS, N_CHOICES)
                 block = []
                 for right in letters:
