@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from ._rows import weighted_losses
+from .fit import PRIORS, fit_salience
 from .probe import ProbeSet
 from .store import LossStore, LossTable, load_losses
 
@@ -101,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "checkpoint name) or 'col:NAME' (a column of --scores). Default: random folds over checkpoints")
     s.add_argument("--folds", type=int, default=5, help="folds when there are many groups or none (default 5)")
     s.add_argument("--seed", type=int, default=0, help="seed of random folds (default 0)")
+    s.add_argument("--priors", nargs="+", choices=PRIORS, default=None,
+                   help="what the weights are shrunk towards, chosen by cross-validation: uniform (loss averaging) "
+                   "and/or answer (the probe's answer tokens). Default: both when the probe has answer tokens")
     s.set_defaults(func=cmd_fit)
 
     s = sub.add_parser("predict", help="apply salience vectors to collected losses",
@@ -212,7 +216,6 @@ def cmd_collect(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------- fit
 def cmd_fit(args: argparse.Namespace) -> int:
-    from .fit import fit_salience
     from .lmeval import read_mapping, scores_from_csv, scores_from_lmeval
 
     stores = [LossStore(root) for root in args.losses]
@@ -241,7 +244,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
     names = [table.names[i] for i in keep]
     y = np.array([by_name[n].value for n in names])
     groups = _groups(args.groups, names, rows) if args.groups else None
-    sv = fit_salience(X, y, groups=groups, probe=probe, task=args.task, metric=args.metric, n_folds=args.folds, seed=args.seed)
+    sv = fit_salience(X, y, groups=groups, probe=probe, task=args.task, metric=args.metric, n_folds=args.folds,
+                      seed=args.seed, priors=args.priors)
     # What the report needs to redraw the fit without the scores' sources.
     sv.fit_report.update(checkpoints=names, groups=None if groups is None else list(groups),
                          weighted_loss=weighted_losses(sv, X).tolist(),
@@ -249,7 +253,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     sv.save(args.out)
     print(f"{args.out}: {args.task} {args.metric} from {len(names)} checkpoints, probe {probe.fingerprint}, "
-          f"lambda {sv.fit_report['lam']:.3g}, {sv.fit_report['effective_tokens']:.0f} effective tokens of {sv.n_tokens}")
+          f"prior {sv.fit_report['prior']}, lambda {sv.fit_report['lam']:.3g}, "
+          f"{sv.fit_report['effective_tokens']:.0f} effective tokens of {sv.n_tokens}")
     print(format_cv_table(sv.fit_report))
     return 0
 

@@ -1,13 +1,16 @@
 """Fitting salience vectors and the paper's baselines from checkpoints whose scores are known.
 
-The fit solves, for a regularisation strength ``lam``,
+The fit solves, for a regularisation strength ``lam`` and a prior ``p`` over the tokens,
 
-    min_{w in simplex, link}  mean_j (link(x_j . w) - y_j)^2  +  lam * KL(w || uniform)
+    min_{w in simplex, link}  mean_j (link(x_j . w) - y_j)^2  +  lam * KL(w || p)
 
 where ``x_j`` ``[n]`` are checkpoint ``j``'s per-token losses and ``y_j`` its score. The KL term pulls the
-weights towards plain loss averaging, which ``lam -> inf`` recovers exactly; with m checkpoints << n tokens
-it is what keeps the fit from memorising. ``lam`` is chosen by cross-validation over whole groups (runs or
-data mixtures), since the question is whether a vector transfers to a mixture it has not seen.
+weights towards the prior; with m checkpoints << n tokens it is what keeps the fit from memorising. Two
+priors: ``"uniform"``, whose ``lam -> inf`` limit is plain loss averaging (the paper's baseline), and, when
+the probe marks answer tokens, ``"answer"``, which puts most of its mass on them, so that its limit is close
+to the answer-token loss (the "label" baseline). ``lam`` and the prior are chosen together by
+cross-validation over whole groups (runs or data mixtures), since the question is whether a vector
+transfers to a mixture it has not seen.
 """
 
 from __future__ import annotations
@@ -31,6 +34,11 @@ from .salience import SalienceVector, SigmoidLink
 # Strengths relative to the score variance (the objective's MSE is divided by it); the largest keeps w
 # close to uniform, the smallest barely regularises.
 _LAMBDA_GRID = tuple(float(x) for x in np.logspace(0, -4.5, 10))
+PRIORS = ("uniform", "answer")
+# The "answer" prior's share on the answer tokens: its limit is nearly the label baseline, yet every other
+# token keeps some prior mass, so the weights can still move anywhere (a share of 1 would pin them to the
+# answer tokens for good: log p = -inf elsewhere).
+_ANSWER_PRIOR_MASS = 0.9
 _STEPS_PER_LAMBDA = 50
 _GRAM_BLOCK_ELEMENTS = 2**19  # a 2 MiB float32 temporary per block of the Gram product
 # The solver's passes over X: column blocks of 2 MiB of float32, which stay in cache between a block's two
@@ -83,8 +91,9 @@ def fit_salience(
     metric: str = "acc",
     n_folds: int = 5,
     seed: int = 0,
+    priors: Sequence[str] | None = None,
 ) -> SalienceVector:
-    """Fit token weights and link jointly; choose the regularisation by cross-validation.
+    """Fit token weights and link jointly; choose the regularisation and its prior by cross-validation.
 
     Args:
         losses: ``[m, n]`` per-token losses of m checkpoints on the n scored tokens of one probe.
@@ -96,33 +105,39 @@ def fit_salience(
         probe: the probe the losses were computed on; records its fingerprint and answer mask.
         answer_mask: bool ``[n]``, the answer tokens for the "label" baseline (default: the probe's).
         task, metric: names stored in the vector; ``metric="acc"`` requires scores in [0, 1].
+        priors: what the weights are pulled towards, from :data:`PRIORS`: ``"uniform"`` (every scored token
+            alike) and ``"answer"`` (``_ANSWER_PRIOR_MASS`` of the mass spread over the answer tokens, the
+            rest over the others). Default: both when the answer mask marks some but not all tokens, else
+            ``"uniform"``.
 
     Returns:
         A :class:`SalienceVector` whose ``fit_report`` holds ``cv_mse`` and ``cv_mae`` for ``"csv"``,
         ``"uniform"`` (mean loss + link: loss averaging) and, with an answer mask, ``"label"`` (answer-token
-        loss + link), all under the same folds, plus the chosen ``lam`` and the held-out predictions.
-        The csv error is honest about the choice of ``lam``: fold f's predictions use the ``lam`` that did
-        best on the other folds.
+        loss + link), all under the same folds, plus the chosen ``prior`` and ``lam`` and the held-out
+        predictions. The csv error is honest about those choices: fold f's predictions use the prior and
+        ``lam`` that did best on the other folds.
     """
-    X, y, fold_of, answer = _validate_fit_inputs(losses, scores, groups, probe, answer_mask, metric, n_folds, seed)
+    X, y, fold_of, answer, priors = _validate_fit_inputs(losses, scores, groups, probe, answer_mask, metric, n_folds,
+                                                         seed, priors)
     # One BLAS thread per call throughout: the solver splits its products over threads of its own, and
     # OpenBLAS's two threads, spinning while Python works between calls, were slower everywhere and up to
     # 10x slower on a busy machine (the Gram product at 500 x 1M: 17-21 s vs 2.7 s; BENCHMARKS.md).
     with threadpool_limits(limits=1, user_api="blas"):
-        return _fit(X, y, fold_of, answer, groups is not None, probe, task, metric)
+        return _fit(X, y, fold_of, answer, priors, groups is not None, probe, task, metric)
 
 
 def _fit(
-    X: np.ndarray, y: np.ndarray, fold_of: np.ndarray, answer: np.ndarray | None, grouped: bool,
-    probe: ProbeSet | None, task: str, metric: str,
+    X: np.ndarray, y: np.ndarray, fold_of: np.ndarray, answer: np.ndarray | None, prior_names: Sequence[str],
+    grouped: bool, probe: ProbeSet | None, task: str, metric: str,
 ) -> SalienceVector:
-    m = X.shape[0]
+    m, n = X.shape
     lams = list(_LAMBDA_GRID)
     n_f = int(fold_of.max()) + 1
-    centred = _centre(X)
+    centred = _centre(X, answer)
     baselines = {"uniform": centred.mean}
     if answer is not None:
-        baselines["label"] = X[:, answer].mean(axis=1, dtype=np.float64)
+        baselines["label"] = centred.answer_mean
+    priors = [_Prior.named(name, answer, n) for name in prior_names]
 
     cv_pred: dict[str, np.ndarray] = {}
     for name, L in baselines.items():
@@ -131,30 +146,34 @@ def _fit(
             tr = fold_of != f
             cv_pred[name][~tr] = fit_link(L[tr], y[tr], metric)(L[~tr])
 
-    # One path per fold plus the final fit's (all rows), solved together; the final fit at the chosen lam is
-    # that path's state there, exactly what a path truncated at that lam would end on.
+    # Per prior, one path per fold plus the final fit's (all rows), all solved together; the final fit at the
+    # chosen lam is that path's state there, exactly what a path truncated at that lam would end on.
     trains = [fold_of != f for f in range(n_f)] + [np.ones(m, bool)]
-    paths = _solve_paths(X, centred, y, trains, lams, metric)
-    # path_pred[i, j]: prediction for checkpoint j from its fold's fit at lams[i].
-    path_pred = np.empty((len(lams), m))
-    for f in range(n_f):
-        held = fold_of == f
-        for i, state in enumerate(paths[f]):
-            path_pred[i, held] = state.link(state.loss[held])
+    paths = _solve_paths(X, centred, y, [(tr, pr) for pr in priors for tr in trains], lams, metric)
+    # path_pred[k * len(lams) + i, j]: prediction for checkpoint j from its fold's fit with priors[k] at lams[i].
+    path_pred = np.empty((len(priors) * len(lams), m))
+    for k in range(len(priors)):
+        for f in range(n_f):
+            held = fold_of == f
+            for i, state in enumerate(paths[k * len(trains) + f]):
+                path_pred[k * len(lams) + i, held] = state.link(state.loss[held])
     fold_mse = np.stack([((path_pred[:, fold_of == f] - y[fold_of == f]) ** 2).mean(axis=1) for f in range(n_f)], 1)
     cv_pred["csv"] = np.empty(m)
     for f in range(n_f):
         others = np.delete(fold_mse, f, axis=1).mean(axis=1)
         cv_pred["csv"][fold_of == f] = path_pred[int(np.argmin(others)), fold_of == f]
-    best = int(np.argmin(fold_mse.mean(axis=1)))
-    final = paths[n_f][best]
-    weights = np.exp(log_softmax(_matvec(final.coef, X)))
+    best_k, best = divmod(int(np.argmin(fold_mse.mean(axis=1))), len(lams))
+    prior = priors[best_k]
+    final = paths[best_k * len(trains) + n_f][best]
+    weights = np.exp(log_softmax(_matvec(final.coef, X) + prior.log_p(answer, 0, n)))
 
     wl = _matvec(weights, X.T)
+    cv_path = fold_mse.mean(axis=1).reshape(len(priors), len(lams))
     report = {
+        "prior": prior.name,
         "lam": lams[best],
         "lam_path": lams,
-        "cv_mse_path": fold_mse.mean(axis=1).tolist(),
+        "cv_mse_path": {pr.name: row.tolist() for pr, row in zip(priors, cv_path)},
         "cv_mse": {k: float(np.mean((p - y) ** 2)) for k, p in cv_pred.items()},
         "cv_mae": {k: float(np.mean(np.abs(p - y))) for k, p in cv_pred.items()},
         "cv_pred": {k: p.tolist() for k, p in cv_pred.items()},
@@ -178,6 +197,38 @@ def _fit(
 
 
 # ---------------------------------------------------------------------- the joint solver
+@dataclass(frozen=True)
+class _Prior:
+    """A prior over the tokens with two levels: ``log p`` is ``log_answer`` on answer tokens and
+    ``log_other`` elsewhere (both the same for the uniform prior), so no ``[n]`` array is kept per path."""
+
+    name: str
+    log_answer: float
+    log_other: float
+
+    @staticmethod
+    def named(name: str, answer: np.ndarray | None, n: int) -> _Prior:
+        if name == "uniform":
+            return _Prior(name, -math.log(n), -math.log(n))
+        n_answer = int(answer.sum())
+        return _Prior(name, math.log(_ANSWER_PRIOR_MASS / n_answer), math.log((1 - _ANSWER_PRIOR_MASS) / (n - n_answer)))
+
+    def log_p(self, answer: np.ndarray | None, lo: int, hi: int) -> np.ndarray:
+        """float64 ``[hi - lo]``: ``log p`` of tokens ``lo:hi``."""
+        if answer is None or self.log_answer == self.log_other:
+            return np.full(hi - lo, self.log_other)
+        return np.where(answer[lo:hi], self.log_answer, self.log_other)
+
+    def mean_loss(self, centred: _Centred) -> np.ndarray:
+        """float64 ``[m]``: each checkpoint's loss averaged under this prior (the weighted loss at ``w = p``)."""
+        if centred.answer is None or self.log_answer == self.log_other:
+            return centred.mean
+        # The other tokens' mean follows from the overall and the answer tokens' means: no pass over X.
+        n, n_answer = len(centred.answer), int(centred.answer.sum())
+        other_mean = (n * centred.mean - n_answer * centred.answer_mean) / (n - n_answer)
+        return _ANSWER_PRIOR_MASS * centred.answer_mean + (1 - _ANSWER_PRIOR_MASS) * other_mean
+
+
 @dataclass
 class _State:
     """A path's solution at one lam: ``w = softmax(coef @ X)``, the link, and ``X @ w`` for every row."""
@@ -189,7 +240,8 @@ class _State:
 
 @dataclass
 class _Centred:
-    """Each checkpoint's mean loss and the Gram matrix of the row-centred losses.
+    """Each checkpoint's mean loss (over all tokens and over the answer tokens) and the Gram matrix of the
+    row-centred losses.
 
     Centring is per row, so the centred Gram of any subset of rows is this matrix restricted to them: one
     product serves every path's basis, and no centred copy of the matrix is ever made (the solver's
@@ -198,26 +250,29 @@ class _Centred:
 
     mean: np.ndarray  # float64 [m]
     gram: np.ndarray  # float64 [m, m]
+    answer: np.ndarray | None  # bool [n]
+    answer_mean: np.ndarray | None  # float64 [m]
 
 
-def _centre(X: np.ndarray) -> _Centred:
+def _centre(X: np.ndarray, answer: np.ndarray | None) -> _Centred:
     m, n = X.shape
     mean = X.mean(axis=1, dtype=np.float64)
+    answer_mean = None if answer is None else X[:, answer].mean(axis=1, dtype=np.float64)
     mu = mean[:, None].astype(X.dtype)
     gram = np.zeros((m, m))
     block = max(1024, _GRAM_BLOCK_ELEMENTS // m)  # columns per block: a bounded float32 temporary
     for a in range(0, n, block):
         Xc = X[:, a : a + block] - mu
         gram += Xc @ Xc.T
-    return _Centred(mean=mean, gram=gram)
+    return _Centred(mean=mean, gram=gram, answer=answer, answer_mean=answer_mean)
 
 
 class _Path:
     """One regularisation path: solutions for ``lams`` (decreasing) on the rows ``train``, each warm-started
     from the previous.
 
-    The KL-regularised optimum has ``log w = -X_train^T alpha + const`` for some ``alpha`` (stationarity),
-    so the weights are searched in that m-dimensional family, in an orthonormal basis ``B @ Xc_train`` of
+    The KL-regularised optimum has ``log w = log p - X_train^T alpha + const`` for some ``alpha``
+    (stationarity; ``p`` is the path's prior), so the weights are searched in that m-dimensional family, in an orthonormal basis ``B @ Xc_train`` of
     the row space of the row-centred training losses (whitening makes L-BFGS converge in tens, not
     thousands, of steps). Each strength gets a fixed budget of L-BFGS steps: at the weakest strengths the
     objective is nearly flat and running to convergence only overfits, so the budget is part of the
@@ -229,14 +284,14 @@ class _Path:
     same matrix and :class:`_LockStep` can serve all of them with one pass.
     """
 
-    def __init__(self, centred: _Centred, y: np.ndarray, train: np.ndarray, n: int, metric: str) -> None:
-        self.train, self.y = train, y[train]
+    def __init__(self, centred: _Centred, y: np.ndarray, train: np.ndarray, prior: _Prior, n: int, metric: str) -> None:
+        self.train, self.y, self.prior = train, y[train], prior
         self.B = _whitening(centred.gram[np.ix_(train, train)], n)  # [r, m_train]
         self.r = self.B.shape[0]
         # Dividing the MSE by the score variance makes the objective O(1), so lam is relative and L-BFGS's
         # tolerances are scale-free.
         self.row_w = 1.0 / len(self.y) / max(float(np.var(self.y)), 1e-12)
-        link = fit_link(centred.mean[train], self.y, metric)
+        link = fit_link(prior.mean_loss(centred)[train], self.y, metric)  # the link at w = p, where the path starts
         lower, upper = _link_bounds(metric)
         self.bounds = Bounds(np.concatenate([np.full(self.r, -np.inf), lower]),
                              np.concatenate([np.full(self.r, np.inf), upper]))
@@ -244,7 +299,7 @@ class _Path:
         self.last: tuple[np.ndarray, np.ndarray] | None = None  # (x, X @ w) of the latest evaluation
 
     def coef(self, x: np.ndarray) -> np.ndarray:
-        """float64 ``[m]``: ``w = softmax(coef @ X)``, zero on held-out rows."""
+        """float64 ``[m]``: ``w = softmax(coef @ X + log p)``, zero on held-out rows."""
         a = np.zeros(len(self.train))
         a[self.train] = x[: self.r] @ self.B
         return a
@@ -278,14 +333,15 @@ class _Path:
 
 
 def _solve_paths(
-    X: np.ndarray, centred: _Centred, y: np.ndarray, trains: Sequence[np.ndarray], lams: Sequence[float], metric: str
+    X: np.ndarray, centred: _Centred, y: np.ndarray, specs: Sequence[tuple[np.ndarray, _Prior]], lams: Sequence[float],
+    metric: str,
 ) -> list[list[_State]]:
-    """Each training-row mask's path over ``lams``, all solved in lock step (one thread per path)."""
-    paths = [_Path(centred, y, tr, X.shape[1], metric) for tr in trains]
+    """The path over ``lams`` of each (training-row mask, prior), all solved in lock step (one thread per path)."""
+    paths = [_Path(centred, y, tr, prior, X.shape[1], metric) for tr, prior in specs]
     # The products are split over _SHARDS column ranges in threads of our own (each one BLAS thread, see
     # fit_salience): on these skinny products that beat OpenBLAS's own two threads.
     with ThreadPoolExecutor(_SHARDS) as pool:
-        step = _LockStep(X, paths, pool)
+        step = _LockStep(X, centred.answer, paths, pool)
         results: list[list[_State]] = [[] for _ in paths]
 
         def run(p: int) -> None:
@@ -322,15 +378,15 @@ class _LockStep:
     zero padding to a multiple of 4, so a column's floating-point result never depends on which paths
     happened to be running: the fit is bit-reproducible.
 
-    Pass 1 computes ``z = A^T X`` (kept, float64 [P, n]) and ``X @ w`` with an online softmax (a running
+    Pass 1 computes ``z = A^T X + log p`` (kept, float64 [P, n]) and ``X @ w`` with an online softmax (a running
     max and sum per path, rescaling the accumulated product when the max grows); pass 2 computes
-    ``v = C^T X + lam log w`` and ``X @ (w * v)``, from which the gradient follows. Both go over column
+    ``v = C^T X + lam (log w - log p)`` and ``X @ (w * v)``, from which the gradient follows. Both go over column
     blocks small enough to stay in cache, so each reads X from memory once, and over ``_SHARDS`` column
     ranges in parallel, merged in a fixed order.
     """
 
-    def __init__(self, X: np.ndarray, paths: Sequence[_Path], pool: ThreadPoolExecutor) -> None:
-        self.X, self.paths, self.pool = X, paths, pool
+    def __init__(self, X: np.ndarray, answer: np.ndarray | None, paths: Sequence[_Path], pool: ThreadPoolExecutor) -> None:
+        self.X, self.answer, self.paths, self.pool = X, answer, paths, pool
         m, n = X.shape
         self.block = max(256, _BLOCK_ELEMENTS // m)
         edges = np.linspace(0, -(-n // self.block), _SHARDS + 1).round().astype(int) * self.block
@@ -377,7 +433,7 @@ class _LockStep:
             self.cond.notify_all()
 
     def _round(self, requests: dict[int, tuple[np.ndarray, float]]) -> dict[int, tuple[float, np.ndarray, np.ndarray]]:
-        """The objective: weighted MSE + lam * KL(w || uniform) and its gradient in (basis coefficients,
+        """The objective: weighted MSE + lam * KL(w || p) and its gradient in (basis coefficients,
         link parameters), plus ``X @ w`` ``[m]``, for each requesting path."""
         m, n = self.X.shape
         P = len(self.paths)
@@ -389,18 +445,18 @@ class _LockStep:
         for p, (x, _) in requests.items():
             fit[p] = self.paths[p].link_terms(x, Lw[:, p])
             C[p] = fit[p][1]
-        wv, wlogw, Xwv = self._pass2(C, lse, lam)
+        wv, kl, Xwv = self._pass2(C, lse, lam)
         # d f / d z = w * (v - w.v) with v = d f / d w; constants in v (the row means' part of C^T X) cancel.
         Xg = Xwv - wv * Lw
         out = {}
         for p in requests:
             path, (mse, _, g_link) = self.paths[p], fit[p]
-            f = mse + lam[p] * (wlogw[p] + math.log(n))
+            f = mse + lam[p] * kl[p]
             out[p] = (f, np.concatenate([path.B @ Xg[path.train, p], g_link]), Lw[:, p].copy())
         return out
 
     def _pass1(self, At: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``z = At @ X`` into ``self.z``; returns log-sum-exp ``[P]`` and ``X @ softmax(z)`` ``[m, P]``."""
+        """``z = At @ X + log p`` into ``self.z``; returns log-sum-exp ``[P]`` and ``X @ softmax(z)`` ``[m, P]``."""
         P = len(self.paths)
 
         def shard(lo: int, hi: int):
@@ -408,7 +464,7 @@ class _LockStep:
             e = np.zeros((self.cols, self.block), self.X.dtype)  # padding rows stay zero
             for a, Xb in self._blocks(lo, hi):
                 zb = self.z[:, a : a + Xb.shape[1]]
-                zb[:] = (At @ Xb)[:P]
+                zb[:] = (At @ Xb)[:P] + self._log_prior(a, a + Xb.shape[1])
                 new_top = np.maximum(top, zb.max(axis=1))
                 rescale = np.exp(top - new_top)
                 eb = np.exp(zb - new_top[:, None])
@@ -425,24 +481,30 @@ class _LockStep:
         return top + np.log(total), acc / total
 
     def _pass2(self, Ct: np.ndarray, lse: np.ndarray, lam: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """With ``v = Ct @ X + lam log w``: ``w . v`` ``[P]``, ``w . log w`` ``[P]`` and ``X @ (w * v)`` ``[m, P]``."""
+        """With ``v = Ct @ X + lam (log w - log p)``: ``w . v`` ``[P]``, ``KL(w || p)`` ``[P]`` and ``X @ (w * v)``
+        ``[m, P]``."""
         P = len(self.paths)
 
         def shard(lo: int, hi: int):
-            wv, wlogw, acc = np.zeros(P), np.zeros(P), np.zeros((self.X.shape[0], P))
+            wv, kl, acc = np.zeros(P), np.zeros(P), np.zeros((self.X.shape[0], P))
             e = np.zeros((self.cols, self.block), self.X.dtype)
             for a, Xb in self._blocks(lo, hi):
-                logw = self.z[:, a : a + Xb.shape[1]] - lse[:, None]
-                w = np.exp(logw)
-                wvb = w * ((Ct @ Xb)[:P] + lam[:, None] * logw)
+                zb = self.z[:, a : a + Xb.shape[1]]
+                w = np.exp(zb - lse[:, None])
+                log_ratio = zb - self._log_prior(a, a + Xb.shape[1]) - lse[:, None]  # log w - log p
+                wvb = w * ((Ct @ Xb)[:P] + lam[:, None] * log_ratio)
                 wv += wvb.sum(axis=1)
-                wlogw += (w * logw).sum(axis=1)
+                kl += (w * log_ratio).sum(axis=1)
                 e[:P, : Xb.shape[1]] = wvb
                 acc += (Xb @ e[:, : Xb.shape[1]].T)[:, :P]
-            return wv, wlogw, acc
+            return wv, kl, acc
 
         parts = list(self.pool.map(lambda s: shard(*s), self.shards))
         return tuple(sum(part[i] for part in parts) for i in range(3))
+
+    def _log_prior(self, lo: int, hi: int) -> np.ndarray:
+        """float64 ``[P, hi - lo]``: each path's ``log p`` on tokens ``lo:hi``."""
+        return np.stack([path.prior.log_p(self.answer, lo, hi) for path in self.paths])
 
     def _blocks(self, lo: int, hi: int):
         for a in range(lo, hi, self.block):
@@ -506,7 +568,7 @@ def _link_jac(p: np.ndarray, L: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------- validation and folds
-def _validate_fit_inputs(losses, scores, groups, probe, answer_mask, metric, n_folds, seed):
+def _validate_fit_inputs(losses, scores, groups, probe, answer_mask, metric, n_folds, seed, priors):
     X = as_float_array(losses, "losses", 2, dtype=np.float32)
     y = as_float_array(scores, "scores", 1)
     m, n = X.shape
@@ -533,7 +595,22 @@ def _validate_fit_inputs(losses, scores, groups, probe, answer_mask, metric, n_f
             raise ValueError(f"answer_mask must be bool of shape ({n},), got {answer.dtype} {answer.shape}.")
         if not answer.any():
             answer = None  # a plain-text probe has no answer tokens: no "label" baseline
-    return X, y, _folds(m, groups, n_folds, seed), answer
+    return X, y, _folds(m, groups, n_folds, seed), answer, _prior_names(priors, answer)
+
+
+def _prior_names(priors: Sequence[str] | None, answer: np.ndarray | None) -> tuple[str, ...]:
+    # With every token an answer, the "answer" prior is the uniform one: fitting it again would only cost time.
+    proper_subset = answer is not None and not answer.all()
+    if priors is None:
+        return PRIORS if proper_subset else ("uniform",)
+    names = tuple(priors) if not isinstance(priors, str) else (priors,)
+    unknown = [p for p in names if p not in PRIORS]
+    if not names or unknown or len(set(names)) != len(names):
+        raise ValueError(f"priors must be distinct names from {PRIORS}, got {list(names)}.")
+    if "answer" in names and answer is None:
+        raise ValueError("the 'answer' prior needs answer tokens: pass answer_mask, or a probe built with "
+                         "ProbeSet.from_pairs, or use priors=('uniform',).")
+    return names
 
 
 def _folds(m: int, groups: Sequence[Any] | None, n_folds: int, seed: int) -> np.ndarray:

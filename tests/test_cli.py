@@ -290,6 +290,11 @@ def test_fit_from_csv_prints_cv_table_and_writes_vector(store, scores_csv, tmp_p
     assert main(["fit", str(store), "--task", "arith", "--scores", str(scores_csv), "--groups", r"re:^(run\w)/",
                  "--out", str(tmp_path / "w.safetensors")]) == 0
     assert SalienceVector.load(tmp_path / "w.safetensors").fit_report["folds"] == rep["folds"]
+    # The probe has answer tokens, so both priors were cross-validated; --priors narrows the choice.
+    assert set(rep["cv_mse_path"]) == {"uniform", "answer"} and f"prior {rep['prior']}," in out
+    assert main(["fit", str(store), "--task", "arith", "--scores", str(scores_csv), "--groups", "col:run",
+                 "--priors", "uniform", "--out", str(tmp_path / "u.safetensors")]) == 0
+    assert set(SalienceVector.load(tmp_path / "u.safetensors").fit_report["cv_mse_path"]) == {"uniform"}
 
 
 def test_fit_leaves_out_unscored_checkpoints_with_a_note(store, scores_csv, tmp_path, capsys):

@@ -124,15 +124,18 @@ def test_fit_is_bit_reproducible(ladder, fitted):
 
 def test_a_path_does_not_depend_on_the_paths_solved_with_it(ladder):
     """The folds' paths run in lock step with batched products; a path alone gives the identical result."""
-    from csv_callback.fit import _LAMBDA_GRID, _centre, _solve_paths
+    from csv_callback.fit import _LAMBDA_GRID, _centre, _Prior, _solve_paths
 
     X, y = ladder.losses, ladder.scores
-    centred = _centre(X)
+    centred = _centre(X, ladder.salient)
+    uniform, answer = (_Prior.named(name, ladder.salient, X.shape[1]) for name in ("uniform", "answer"))
     train = ladder.groups != ladder.groups[0]
-    together = _solve_paths(X, centred, y, [train, np.ones(len(y), bool), ~train], _LAMBDA_GRID[:3], "acc")[0]
-    alone = _solve_paths(X, centred, y, [train], _LAMBDA_GRID[:3], "acc")[0]
-    for a, b in zip(together, alone):
-        assert np.array_equal(a.coef, b.coef) and np.array_equal(a.loss, b.loss) and a.link == b.link
+    for prior, other in ((uniform, answer), (answer, uniform)):
+        others = [(np.ones(len(y), bool), other), (~train, prior), (train, other)]
+        together = _solve_paths(X, centred, y, [(train, prior)] + others, _LAMBDA_GRID[:3], "acc")[0]
+        alone = _solve_paths(X, centred, y, [(train, prior)], _LAMBDA_GRID[:3], "acc")[0]
+        for a, b in zip(together, alone):
+            assert np.array_equal(a.coef, b.coef) and np.array_equal(a.loss, b.loss) and a.link == b.link
 
 
 def test_fit_makes_no_copy_of_the_losses():
@@ -164,3 +167,51 @@ def test_a_failing_path_stops_the_fit_without_hanging(ladder, monkeypatch):
     monkeypatch.setattr(fit._Path, "link_terms", failing)
     with pytest.raises(FloatingPointError, match="injected"):
         fit_salience(ladder.losses, ladder.scores, groups=ladder.groups)
+
+
+def test_cross_validation_chooses_the_prior(ladder, fitted):
+    """With answer tokens marked, the weights may shrink towards them ("answer") or towards all tokens
+    ("uniform"); both paths are cross-validated. Here the answers are the planted salient tokens, so the
+    answer prior wins, and csv comes close to the answer-token baseline, which here is the oracle (the
+    scores are a function of exactly those tokens' mean loss)."""
+    rep = fitted.fit_report
+    assert set(rep["cv_mse_path"]) == {"uniform", "answer"}
+    assert all(len(v) == len(rep["lam_path"]) for v in rep["cv_mse_path"].values())
+    assert rep["prior"] == "answer"
+    assert min(rep["cv_mse_path"]["answer"]) < min(rep["cv_mse_path"]["uniform"])
+    assert rep["cv_mse"]["csv"] <= 1.25 * rep["cv_mse"]["label"]
+    only_uniform = fit_salience(ladder.losses, ladder.scores, groups=ladder.groups, answer_mask=ladder.salient,
+                                priors=["uniform"])
+    assert set(only_uniform.fit_report["cv_mse_path"]) == {"uniform"} and only_uniform.fit_report["prior"] == "uniform"
+
+
+def test_answer_prior_is_a_distribution_with_the_answer_share():
+    from csv_callback.fit import _ANSWER_PRIOR_MASS, _centre, _Prior
+
+    rng = np.random.default_rng(0)
+    X = rng.uniform(1, 4, (6, 50)).astype(np.float32)
+    answer = np.zeros(50, bool)
+    answer[[3, 17, 18, 40]] = True
+    centred = _centre(X, answer)
+    for name in ("uniform", "answer"):
+        prior = _Prior.named(name, answer, 50)
+        p = np.exp(prior.log_p(answer, 0, 50))
+        assert p.sum() == pytest.approx(1.0, abs=1e-12)
+        assert p[answer].sum() == pytest.approx(_ANSWER_PRIOR_MASS if name == "answer" else 4 / 50, abs=1e-12)
+        # the weighted loss where every path starts (w = p), without a pass over X
+        np.testing.assert_allclose(prior.mean_loss(centred), X.astype(np.float64) @ p, rtol=1e-6)
+
+
+def test_default_priors_follow_the_answer_mask(ladder):
+    all_answers = np.ones(ladder.losses.shape[1], bool)  # e.g. a probe of pairs only: "answer" would be uniform
+    sv = fit_salience(ladder.losses, ladder.scores, groups=ladder.groups, answer_mask=all_answers)
+    assert set(sv.fit_report["cv_mse_path"]) == {"uniform"}
+    plain = fit_salience(ladder.losses, ladder.scores, groups=ladder.groups)
+    assert set(plain.fit_report["cv_mse_path"]) == {"uniform"} and "label" not in plain.fit_report["cv_mse"]
+
+
+@pytest.mark.parametrize("priors, match", [(["answer"], "needs answer tokens"), (["flat"], "priors must be"),
+                                           ([], "priors must be"), (["uniform", "uniform"], "priors must be")])
+def test_bad_priors(ladder, priors, match):
+    with pytest.raises(ValueError, match=match):
+        fit_salience(ladder.losses, ladder.scores, groups=ladder.groups, priors=priors)
