@@ -49,7 +49,7 @@ def runs(tmp_path_factory):
         res = lm_eval.simple_evaluate(
             model="hf", model_args=f"pretrained={MODEL},tokenizer={MODEL}", tasks=list(TASKS), device="cpu",
             batch_size=64, task_manager=TaskManager(include_path=str(task_dir), include_defaults=False),
-            bootstrap_iters=0, log_samples=True,
+            log_samples=True,  # default bootstrap_iters: acc's stderr is lm-eval's closed form, no resampling
         )
     return world, tokenizer, scorer, lls, accs, res
 
@@ -63,7 +63,8 @@ def test_world_rebuilds_the_saved_tokenizer(runs):
 @pytest.mark.parametrize("task", TASKS)
 def test_fast_scorer_matches_lm_eval(runs, task):
     world, tokenizer, scorer, lls, accs, res = runs
-    assert accs[task] == res["results"][task]["acc,none"]
+    assert accs[task]["acc"] == res["results"][task]["acc,none"]
+    assert accs[task]["acc_stderr"] == pytest.approx(res["results"][task]["acc_stderr,none"], rel=1e-12)
     samples = sorted(res["samples"][task], key=lambda s: s["doc_id"])
     assert [s["doc"] for s in samples] == scorer.docs[task]
     theirs = np.array([[ll for ll, _ in s["filtered_resps"]] for s in samples])
@@ -77,4 +78,5 @@ def test_saved_results_file_is_the_fast_scorers(runs):
     *_, accs, _ = runs
     model_step = json.loads((MODEL / "ladder.json").read_text())
     doc = json.loads((LADDER / "data" / model_step["results"]).read_text())
-    assert {t: doc["results"][t]["acc,none"] for t in TASKS} == accs
+    assert {t: doc["results"][t]["acc,none"] for t in TASKS} == {t: a["acc"] for t, a in accs.items()}
+    assert {t: doc["results"][t]["acc_stderr,none"] for t in TASKS} == {t: a["acc_stderr"] for t, a in accs.items()}

@@ -133,7 +133,8 @@ class Score(pl.Callback):
         (d / f"results_{name}.json").write_text(json.dumps(results_document(scores, name), indent=1))
         metrics = trainer.callback_metrics
         row = {"step": step, "train_loss": float(metrics["train/loss"]), "val_loss": float(metrics["val/loss"]),
-               "probe_loss": float(metrics["csv/probe_mean_loss"]), **scores}
+               "probe_loss": float(metrics["csv/probe_mean_loss"]), **{t: v["acc"] for t, v in scores.items()},
+               **{f"{t}_stderr": v["acc_stderr"] for t, v in scores.items()}}
         self.rows.append(row)
         print("  " + "  ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()), flush=True)
 
