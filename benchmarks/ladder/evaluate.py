@@ -42,6 +42,7 @@ class Ladder:
 
     losses: np.ndarray
     scores: dict[str, np.ndarray]
+    stderr: dict[str, np.ndarray]  # lm-eval's acc_stderr of each score: its sampling noise over questions
     sizes: np.ndarray
     mixtures: np.ndarray
     steps: np.ndarray
@@ -51,7 +52,7 @@ class Ladder:
 def load_ladder(data: Path, mixtures: list[str] | None = None) -> Ladder:
     """Every finished run under ``data/runs`` (only those of ``mixtures``, if given)."""
     probe = ProbeSet.load(data / "probe.safetensors")
-    losses, scores, sizes, groups, steps = [], {t: [] for t in TASKS}, [], [], []
+    losses, scores, stderr, sizes, groups, steps = [], {t: [] for t in TASKS}, {t: [] for t in TASKS}, [], [], []
     for run_dir in sorted((data / "runs").iterdir()):
         if not (run_dir / "run.json").is_file():
             print(f"skipping {run_dir.name}: no run.json (still training, or interrupted)")
@@ -62,13 +63,15 @@ def load_ladder(data: Path, mixtures: list[str] | None = None) -> Ladder:
         info = json.loads((run_dir / "run.json").read_text())
         table = load_losses(run_dir / "losses", fingerprint=probe.fingerprint)
         for task in TASKS:
-            got = {s.checkpoint: s.value for s in scores_from_lmeval([run_dir / "lmeval"], task, table.names)}
-            scores[task] += [got[name] for name in table.names]
+            for metric, out in (("acc", scores), ("acc_stderr", stderr)):
+                got = {s.checkpoint: s.value for s in scores_from_lmeval([run_dir / "lmeval"], task, table.names, metric=metric)}
+                out[task] += [got[name] for name in table.names]
         losses.append(table.losses)
         sizes += [info["size"]] * len(table.names)
         groups += [mixture] * len(table.names)
         steps += table.steps.tolist()
-    return Ladder(np.concatenate(losses), {t: np.array(v) for t, v in scores.items()}, np.array(sizes),
+    return Ladder(np.concatenate(losses), {t: np.array(v) for t, v in scores.items()},
+                  {t: np.array(v) for t, v in stderr.items()}, np.array(sizes),
                   np.array(groups), np.array(steps), probe)
 
 
@@ -87,7 +90,7 @@ def leave_one_mixture_out(ladder: Ladder, task: str) -> dict:
     sv = fit_salience(ladder.losses, ladder.scores[task], groups=ladder.mixtures, probe=ladder.probe,
                       answer_mask=answer_mask(ladder, task), task=task)
     rep = sv.fit_report
-    return {"mse": rep["cv_mse"], "mae": rep["cv_mae"],
+    return {"mse": rep["cv_mse"], "mae": rep["cv_mae"], "prior": rep["prior"], "rows": np.ones(len(ladder.steps), bool),
             "pred": {k: np.asarray(v) for k, v in rep["cv_pred"].items()}, "actual": ladder.scores[task], "vector": sv}
 
 
@@ -102,7 +105,7 @@ def small_to_largest(ladder: Ladder, task: str) -> dict:
         pred[name] = fit_link(L[~test], y[~test])(L[test])
     return {"mse": {k: float(np.mean((p - y[test]) ** 2)) for k, p in pred.items()},
             "mae": {k: float(np.mean(np.abs(p - y[test]))) for k, p in pred.items()},
-            "pred": pred, "actual": y[test], "largest": largest}
+            "pred": pred, "actual": y[test], "largest": largest, "prior": sv.fit_report["prior"], "rows": test}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -119,14 +122,18 @@ def main(argv: list[str] | None = None) -> None:
           f"probe {ladder.probe.n_tokens} tokens")
     for task in TASKS:
         y = ladder.scores[task]
-        print(f"{task}: accuracy {y.min():.3f} .. {y.max():.3f}")
+        # A score is one draw of questions: a perfect predictor of the model's expected accuracy would still
+        # be off by this much (lm-eval's acc_stderr squared, averaged over checkpoints).
+        print(f"{task}: accuracy {y.min():.3f} .. {y.max():.3f}, sampling noise of a score (mean acc_stderr^2) "
+              f"{np.mean(ladder.stderr[task] ** 2):.2e}")
     table, results = {}, {}
     print(f"\n{'task':<16}{'protocol':<24}" + "".join(f"{m + ' MSE':>13}{m + ' MAE':>13}" for m in METHODS))
     for task in TASKS:
         for protocol, fn in (("leave-one-mixture-out", leave_one_mixture_out), ("small->largest", small_to_largest)):
             r = fn(ladder, task)
             results[task, protocol] = r
-            table[f"{task}/{protocol}"] = {"mse": r["mse"], "mae": r["mae"]}
+            table[f"{task}/{protocol}"] = {"mse": r["mse"], "mae": r["mae"], "prior": r["prior"],
+                                           "score_noise": float(np.mean(ladder.stderr[task][r["rows"]] ** 2))}
             print(f"{task:<16}{protocol:<24}" + "".join(f"{r['mse'][m]:>13.2e}{r['mae'][m]:>13.4f}" for m in METHODS))
     if args.out:
         args.out.write_text(json.dumps(table, indent=1))
