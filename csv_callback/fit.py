@@ -378,7 +378,9 @@ class _LockStep:
     zero padding to a multiple of 4, so a column's floating-point result never depends on which paths
     happened to be running: the fit is bit-reproducible.
 
-    Pass 1 computes ``z = A^T X + log p`` (kept, float64 [P, n]) and ``X @ w`` with an online softmax (a running
+    Pass 1 computes ``z = A^T X + log p - log_other`` (kept, float64 [P, n]; ``log_other``, a path's log prior
+    off the answer tokens, is a constant the softmax ignores, so a uniform prior adds nothing) and ``X @ w``
+    with an online softmax (a running
     max and sum per path, rescaling the accumulated product when the max grows); pass 2 computes
     ``v = C^T X + lam (log w - log p)`` and ``X @ (w * v)``, from which the gradient follows. Both go over column
     blocks small enough to stay in cache, so each reads X from memory once, and over ``_SHARDS`` column
@@ -386,7 +388,12 @@ class _LockStep:
     """
 
     def __init__(self, X: np.ndarray, answer: np.ndarray | None, paths: Sequence[_Path], pool: ThreadPoolExecutor) -> None:
-        self.X, self.answer, self.paths, self.pool = X, answer, paths, pool
+        self.X, self.paths, self.pool = X, paths, pool
+        self.log_other = np.array([path.prior.log_other for path in paths])
+        # log p - log_other is delta on answer tokens, 0 elsewhere: one outer product per block adds it for all
+        # paths, and none is needed when every prior is uniform.
+        delta = np.array([path.prior.log_answer for path in paths]) - self.log_other
+        self.delta, self.answer = (delta, answer.astype(np.float64)) if answer is not None and delta.any() else (None, None)
         m, n = X.shape
         self.block = max(256, _BLOCK_ELEMENTS // m)
         edges = np.linspace(0, -(-n // self.block), _SHARDS + 1).round().astype(int) * self.block
@@ -456,7 +463,7 @@ class _LockStep:
         return out
 
     def _pass1(self, At: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``z = At @ X + log p`` into ``self.z``; returns log-sum-exp ``[P]`` and ``X @ softmax(z)`` ``[m, P]``."""
+        """``z = At @ X + log p - log_other`` into ``self.z``; returns log-sum-exp ``[P]`` and ``X @ softmax(z)`` ``[m, P]``."""
         P = len(self.paths)
 
         def shard(lo: int, hi: int):
@@ -464,7 +471,9 @@ class _LockStep:
             e = np.zeros((self.cols, self.block), self.X.dtype)  # padding rows stay zero
             for a, Xb in self._blocks(lo, hi):
                 zb = self.z[:, a : a + Xb.shape[1]]
-                zb[:] = (At @ Xb)[:P] + self._log_prior(a, a + Xb.shape[1])
+                zb[:] = (At @ Xb)[:P]
+                if self.delta is not None:
+                    zb += self._prior_excess(a, a + Xb.shape[1])
                 new_top = np.maximum(top, zb.max(axis=1))
                 rescale = np.exp(top - new_top)
                 eb = np.exp(zb - new_top[:, None])
@@ -491,7 +500,9 @@ class _LockStep:
             for a, Xb in self._blocks(lo, hi):
                 zb = self.z[:, a : a + Xb.shape[1]]
                 w = np.exp(zb - lse[:, None])
-                log_ratio = zb - self._log_prior(a, a + Xb.shape[1]) - lse[:, None]  # log w - log p
+                log_ratio = zb - (lse + self.log_other)[:, None]  # log w - log p ...
+                if self.delta is not None:
+                    log_ratio -= self._prior_excess(a, a + Xb.shape[1])  # ... on the answer tokens too
                 wvb = w * ((Ct @ Xb)[:P] + lam[:, None] * log_ratio)
                 wv += wvb.sum(axis=1)
                 kl += (w * log_ratio).sum(axis=1)
@@ -502,9 +513,9 @@ class _LockStep:
         parts = list(self.pool.map(lambda s: shard(*s), self.shards))
         return tuple(sum(part[i] for part in parts) for i in range(3))
 
-    def _log_prior(self, lo: int, hi: int) -> np.ndarray:
-        """float64 ``[P, hi - lo]``: each path's ``log p`` on tokens ``lo:hi``."""
-        return np.stack([path.prior.log_p(self.answer, lo, hi) for path in self.paths])
+    def _prior_excess(self, lo: int, hi: int) -> np.ndarray:
+        """float64 ``[P, hi - lo]``: each path's ``log p - log_other`` on tokens ``lo:hi``."""
+        return np.outer(self.delta, self.answer[lo:hi])
 
     def _blocks(self, lo: int, hi: int):
         for a in range(lo, hi, self.block):
