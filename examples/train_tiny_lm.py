@@ -11,7 +11,7 @@ locally trained tokenizer, pydoc text plus generated capability lines) with a ne
 :class:`SalienceCallback` predicts each task's accuracy at every validation, from one forward pass over the
 probe; every few validations the real lm-eval-harness runs the three tasks (local YAML + JSONL) on the
 in-memory model, so the table printed at the end and the PNG show prediction and truth side by side.
-Everything is local and offline; it takes about a minute on a CPU core. Needs the ``lmeval`` extra.
+Everything is local and offline; it takes about two minutes on a CPU core. Needs the ``lmeval`` extra.
 """
 
 from __future__ import annotations
