@@ -208,9 +208,9 @@ class _Prior:
 
     @staticmethod
     def named(name: str, answer: np.ndarray | None, n: int) -> _Prior:
-        if name == "uniform":
+        n_answer = 0 if answer is None else int(answer.sum())
+        if name == "uniform" or n_answer == n:  # every token an answer: the answer prior is the uniform one
             return _Prior(name, -math.log(n), -math.log(n))
-        n_answer = int(answer.sum())
         return _Prior(name, math.log(_ANSWER_PRIOR_MASS / n_answer), math.log((1 - _ANSWER_PRIOR_MASS) / (n - n_answer)))
 
     def log_p(self, answer: np.ndarray | None, lo: int, hi: int) -> np.ndarray:
@@ -272,9 +272,9 @@ class _Path:
     from the previous.
 
     The KL-regularised optimum has ``log w = log p - X_train^T alpha + const`` for some ``alpha``
-    (stationarity; ``p`` is the path's prior), so the weights are searched in that m-dimensional family, in an orthonormal basis ``B @ Xc_train`` of
-    the row space of the row-centred training losses (whitening makes L-BFGS converge in tens, not
-    thousands, of steps). Each strength gets a fixed budget of L-BFGS steps: at the weakest strengths the
+    (stationarity; ``p`` is the path's prior), so the weights are searched in that m-dimensional family, in
+    an orthonormal basis ``B @ Xc_train`` of the row space of the row-centred training losses (whitening
+    makes L-BFGS converge in tens, not thousands, of steps). Each strength gets a fixed budget of L-BFGS steps: at the weakest strengths the
     objective is nearly flat and running to convergence only overfits, so the budget is part of the
     regularisation.
 
@@ -378,13 +378,12 @@ class _LockStep:
     zero padding to a multiple of 4, so a column's floating-point result never depends on which paths
     happened to be running: the fit is bit-reproducible.
 
-    Pass 1 computes ``z = A^T X + log p - log_other`` (kept, float64 [P, n]; ``log_other``, a path's log prior
-    off the answer tokens, is a constant the softmax ignores, so a uniform prior adds nothing) and ``X @ w``
-    with an online softmax (a running
-    max and sum per path, rescaling the accumulated product when the max grows); pass 2 computes
-    ``v = C^T X + lam (log w - log p)`` and ``X @ (w * v)``, from which the gradient follows. Both go over column
-    blocks small enough to stay in cache, so each reads X from memory once, and over ``_SHARDS`` column
-    ranges in parallel, merged in a fixed order.
+    Pass 1 computes ``z = A^T X + log p - log_other`` (kept, float64 [P, n]; ``log_other``, a path's log
+    prior off the answer tokens, is a constant the softmax ignores, so a uniform prior adds nothing) and
+    ``X @ w`` with an online softmax (a running max and sum per path, rescaling the accumulated product when
+    the max grows); pass 2 computes ``v = C^T X + lam (log w - log p)`` and ``X @ (w * v)``, from which the
+    gradient follows. Both go over column blocks small enough to stay in cache, so each reads X from memory
+    once, and over ``_SHARDS`` column ranges in parallel, merged in a fixed order.
     """
 
     def __init__(self, X: np.ndarray, answer: np.ndarray | None, paths: Sequence[_Path], pool: ThreadPoolExecutor) -> None:
@@ -463,7 +462,8 @@ class _LockStep:
         return out
 
     def _pass1(self, At: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``z = At @ X + log p - log_other`` into ``self.z``; returns log-sum-exp ``[P]`` and ``X @ softmax(z)`` ``[m, P]``."""
+        """``z = At @ X + log p - log_other`` into ``self.z``; returns log-sum-exp ``[P]`` and ``X @ softmax(z)``
+        ``[m, P]``."""
         P = len(self.paths)
 
         def shard(lo: int, hi: int):

@@ -206,6 +206,9 @@ def test_default_priors_follow_the_answer_mask(ladder):
     all_answers = np.ones(ladder.losses.shape[1], bool)  # e.g. a probe of pairs only: "answer" would be uniform
     sv = fit_salience(ladder.losses, ladder.scores, groups=ladder.groups, answer_mask=all_answers)
     assert set(sv.fit_report["cv_mse_path"]) == {"uniform"}
+    explicit = fit_salience(ladder.losses, ladder.scores, groups=ladder.groups, answer_mask=all_answers,
+                            priors=["answer"])
+    assert np.array_equal(explicit.weights, sv.weights)  # with every token an answer, it is the uniform prior
     plain = fit_salience(ladder.losses, ladder.scores, groups=ladder.groups)
     assert set(plain.fit_report["cv_mse_path"]) == {"uniform"} and "label" not in plain.fit_report["cv_mse"]
 
