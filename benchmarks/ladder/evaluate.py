@@ -11,6 +11,9 @@ Reads what ``train.py`` wrote, the way a user's workflow would: each run's probe
   regularisation), predict every checkpoint of the largest size; the baselines fit their link on the same
   checkpoints.
 
+Next to the errors: the prior the fit chose (uniform or the task's answer tokens) and the scores' own sampling
+noise, lm-eval's ``acc_stderr`` squared averaged over the predicted checkpoints.
+
     PYTHONPATH=/work/main python benchmarks/ladder/evaluate.py [--data benchmarks/ladder/data]
 """
 
