@@ -11,8 +11,10 @@ Reads what ``train.py`` wrote, the way a user's workflow would: each run's probe
   regularisation), predict every checkpoint of the largest size; the baselines fit their link on the same
   checkpoints.
 
-Next to the errors: the prior the fit chose (uniform or the task's answer tokens) and the scores' own sampling
-noise, lm-eval's ``acc_stderr`` squared averaged over the predicted checkpoints.
+Next to the errors: the prior the fit chose (uniform or the task's answer tokens), the scores' own sampling
+noise (lm-eval's ``acc_stderr`` squared averaged over the predicted checkpoints) and, for (b), how many
+checkpoints the vector flags as extrapolating (weighted loss outside the range seen in fitting, what
+``SalienceCallback`` logs as ``csv/<task>/extrapolating``) with csv's MSE on the rest.
 
     PYTHONPATH=/work/main python benchmarks/ladder/evaluate.py [--data benchmarks/ladder/data]
 """
@@ -104,11 +106,15 @@ def small_to_largest(ladder: Ladder, task: str) -> dict:
     sv = fit_salience(ladder.losses[~test], y[~test], groups=ladder.mixtures[~test], probe=ladder.probe,
                       answer_mask=answer_mask(ladder, task), task=task)
     pred = {"csv": np.asarray(sv.predict(ladder.losses[test]))}
+    # What SalienceCallback logs as csv/<task>/extrapolating: the weighted loss is outside the fitted range.
+    flagged = np.asarray(sv.extrapolates(np.asarray(sv.weighted_loss(ladder.losses[test]))))
+    in_range = float(np.mean((pred["csv"][~flagged] - y[test][~flagged]) ** 2))
     for name, L in baseline_losses(ladder, task).items():
         pred[name] = fit_link(L[~test], y[~test])(L[test])
     return {"mse": {k: float(np.mean((p - y[test]) ** 2)) for k, p in pred.items()},
             "mae": {k: float(np.mean(np.abs(p - y[test]))) for k, p in pred.items()},
-            "pred": pred, "actual": y[test], "largest": largest, "prior": sv.fit_report["prior"], "rows": test}
+            "pred": pred, "actual": y[test], "largest": largest, "prior": sv.fit_report["prior"], "rows": test,
+            "extrapolating": {"flagged": int(flagged.sum()), "csv_mse_in_range": in_range}}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -138,6 +144,10 @@ def main(argv: list[str] | None = None) -> None:
             table[f"{task}/{protocol}"] = {"mse": r["mse"], "mae": r["mae"], "prior": r["prior"],
                                            "score_noise": float(np.mean(ladder.stderr[task][r["rows"]] ** 2))}
             print(f"{task:<16}{protocol:<24}" + "".join(f"{r['mse'][m]:>13.2e}{r['mae'][m]:>13.4f}" for m in METHODS))
+            if "extrapolating" in r:
+                table[f"{task}/{protocol}"]["extrapolating"] = x = r["extrapolating"]
+                print(f"{'':<16}{'':<24}csv flags {x['flagged']} of {int(r['rows'].sum())} as extrapolating; "
+                      f"csv MSE on the others {x['csv_mse_in_range']:.2e}")
     if args.out:
         args.out.write_text(json.dumps(table, indent=1))
     if args.vectors:
