@@ -175,9 +175,8 @@ class World:
     # ------------------------------------------------------------------ the downstream tasks
     def questions(self, task: str) -> list[dict]:
         """lm-eval docs ``{"question", "choices", "answer"}``: questions in blocks of ``N_CHOICES`` that share
-        their choices, each choice right in one question of its block. Each choice
-        follows the question after ``TARGET_DELIMITER[task]`` (the YAML's ``target_delimiter``), as in the
-        training lines."""
+        their choices, each choice right in one question of its block. Each choice follows the question after
+        ``TARGET_DELIMITER[task]`` (the YAML's ``target_delimiter``), as in the training lines."""
         if task not in TASKS:
             raise ValueError(f"unknown task {task!r}; expected one of {TASKS}.")
         rng = random.Random(self.seed + 2000 + TASKS.index(task))
