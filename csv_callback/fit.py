@@ -165,7 +165,7 @@ def _fit(
     best_k, best = divmod(int(np.argmin(fold_mse.mean(axis=1))), len(lams))
     prior = priors[best_k]
     final = paths[best_k * len(trains) + n_f][best]
-    weights = np.exp(log_softmax(_matvec(final.coef, X) + prior.log_p(answer, 0, n)))
+    weights = np.exp(log_softmax(_matvec(final.coef, X) + prior.log_p(answer, n)))
 
     wl = _matvec(weights, X.T)
     cv_path = fold_mse.mean(axis=1).reshape(len(priors), len(lams))
@@ -213,11 +213,11 @@ class _Prior:
             return _Prior(name, -math.log(n), -math.log(n))
         return _Prior(name, math.log(_ANSWER_PRIOR_MASS / n_answer), math.log((1 - _ANSWER_PRIOR_MASS) / (n - n_answer)))
 
-    def log_p(self, answer: np.ndarray | None, lo: int, hi: int) -> np.ndarray:
-        """float64 ``[hi - lo]``: ``log p`` of tokens ``lo:hi``."""
+    def log_p(self, answer: np.ndarray | None, n: int) -> np.ndarray:
+        """float64 ``[n]``: ``log p`` of every token."""
         if answer is None or self.log_answer == self.log_other:
-            return np.full(hi - lo, self.log_other)
-        return np.where(answer[lo:hi], self.log_answer, self.log_other)
+            return np.full(n, self.log_other)
+        return np.where(answer, self.log_answer, self.log_other)
 
     def mean_loss(self, centred: _Centred) -> np.ndarray:
         """float64 ``[m]``: each checkpoint's loss averaged under this prior (the weighted loss at ``w = p``)."""

@@ -195,7 +195,7 @@ def test_answer_prior_is_a_distribution_with_the_answer_share():
     centred = _centre(X, answer)
     for name in ("uniform", "answer"):
         prior = _Prior.named(name, answer, 50)
-        p = np.exp(prior.log_p(answer, 0, 50))
+        p = np.exp(prior.log_p(answer, 50))
         assert p.sum() == pytest.approx(1.0, abs=1e-12)
         assert p[answer].sum() == pytest.approx(_ANSWER_PRIOR_MASS if name == "answer" else 4 / 50, abs=1e-12)
         # the weighted loss where every path starts (w = p), without a pass over X
