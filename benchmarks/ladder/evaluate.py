@@ -95,7 +95,8 @@ def leave_one_mixture_out(ladder: Ladder, task: str) -> dict:
     sv = fit_salience(ladder.losses, ladder.scores[task], groups=ladder.mixtures, probe=ladder.probe,
                       answer_mask=answer_mask(ladder, task), task=task)
     rep = sv.fit_report
-    return {"mse": rep["cv_mse"], "mae": rep["cv_mae"], "prior": rep["prior"], "rows": np.ones(len(ladder.steps), bool),
+    return {"mse": rep["cv_mse"], "mae": rep["cv_mae"], "prior": rep["prior"],
+            "score_noise": float(np.mean(ladder.stderr[task] ** 2)),
             "pred": {k: np.asarray(v) for k, v in rep["cv_pred"].items()}, "actual": ladder.scores[task], "vector": sv}
 
 
@@ -113,8 +114,9 @@ def small_to_largest(ladder: Ladder, task: str) -> dict:
         pred[name] = fit_link(L[~test], y[~test])(L[test])
     return {"mse": {k: float(np.mean((p - y[test]) ** 2)) for k, p in pred.items()},
             "mae": {k: float(np.mean(np.abs(p - y[test]))) for k, p in pred.items()},
-            "pred": pred, "actual": y[test], "largest": largest, "prior": sv.fit_report["prior"], "rows": test,
-            "extrapolating": {"flagged": int(flagged.sum()), "csv_mse_in_range": in_range}}
+            "pred": pred, "actual": y[test], "largest": largest, "prior": sv.fit_report["prior"],
+            "score_noise": float(np.mean(ladder.stderr[task][test] ** 2)),
+            "extrapolating": {"flagged": int(flagged.sum()), "of": int(test.sum()), "csv_mse_in_range": in_range}}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -141,12 +143,11 @@ def main(argv: list[str] | None = None) -> None:
         for protocol, fn in (("leave-one-mixture-out", leave_one_mixture_out), ("small->largest", small_to_largest)):
             r = fn(ladder, task)
             results[task, protocol] = r
-            table[f"{task}/{protocol}"] = {"mse": r["mse"], "mae": r["mae"], "prior": r["prior"],
-                                           "score_noise": float(np.mean(ladder.stderr[task][r["rows"]] ** 2))}
+            table[f"{task}/{protocol}"] = {k: r[k] for k in ("mse", "mae", "prior", "score_noise")}
             print(f"{task:<16}{protocol:<24}" + "".join(f"{r['mse'][m]:>13.2e}{r['mae'][m]:>13.4f}" for m in METHODS))
             if "extrapolating" in r:
                 table[f"{task}/{protocol}"]["extrapolating"] = x = r["extrapolating"]
-                print(f"{'':<16}{'':<24}csv flags {x['flagged']} of {int(r['rows'].sum())} as extrapolating; "
+                print(f"{'':<16}{'':<24}csv flags {x['flagged']} of {x['of']} as extrapolating; "
                       f"csv MSE on the others {x['csv_mse_in_range']:.2e}")
     if args.out:
         args.out.write_text(json.dumps(table, indent=1))
