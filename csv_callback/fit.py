@@ -92,6 +92,7 @@ def fit_salience(
     n_folds: int = 5,
     seed: int = 0,
     priors: Sequence[str] | None = None,
+    anchor: tuple[float, float] | None = None,
 ) -> SalienceVector:
     """Fit token weights and link jointly; choose the regularisation and its prior by cross-validation.
 
@@ -109,6 +110,9 @@ def fit_salience(
             alike) and ``"answer"`` (``_ANSWER_PRIOR_MASS`` of the mass spread over the answer tokens, the
             rest over the others). Default: both when the answer mask marks some but not all tokens, else
             ``"uniform"``.
+        anchor: ``(loss, score)``, one extra point every link (csv's and the baselines') must fit like a
+            checkpoint, e.g. ``(0.0, 1.0)``: a model with zero loss scores 1, as the OLMo ladder's step 2
+            assumes. It pins the top of the curve when no fitting checkpoint comes near it. Default: none.
 
     Returns:
         A :class:`SalienceVector` whose ``fit_report`` holds ``cv_mse`` and ``cv_mae`` for ``"csv"``,
@@ -119,16 +123,17 @@ def fit_salience(
     """
     X, y, fold_of, answer, priors = _validate_fit_inputs(losses, scores, groups, probe, answer_mask, metric, n_folds,
                                                          seed, priors)
+    anchor = _validate_anchor(anchor, metric)
     # One BLAS thread per call throughout: the solver splits its products over threads of its own, and
     # OpenBLAS's two threads, spinning while Python works between calls, were slower everywhere and up to
     # 10x slower on a busy machine (the Gram product at 500 x 1M: 17-21 s vs 2.7 s; BENCHMARKS.md).
     with threadpool_limits(limits=1, user_api="blas"):
-        return _fit(X, y, fold_of, answer, priors, groups is not None, probe, task, metric)
+        return _fit(X, y, fold_of, answer, priors, groups is not None, probe, task, metric, anchor)
 
 
 def _fit(
     X: np.ndarray, y: np.ndarray, fold_of: np.ndarray, answer: np.ndarray | None, prior_names: Sequence[str],
-    grouped: bool, probe: ProbeSet | None, task: str, metric: str,
+    grouped: bool, probe: ProbeSet | None, task: str, metric: str, anchor: tuple[float, float] | None,
 ) -> SalienceVector:
     m, n = X.shape
     lams = list(_LAMBDA_GRID)
@@ -144,12 +149,12 @@ def _fit(
         cv_pred[name] = np.empty(m)
         for f in range(n_f):
             tr = fold_of != f
-            cv_pred[name][~tr] = fit_link(L[tr], y[tr], metric)(L[~tr])
+            cv_pred[name][~tr] = fit_link(L[tr], y[tr], metric, anchor)(L[~tr])
 
     # Per prior, one path per fold plus the final fit's (all rows), all solved together; the final fit at the
     # chosen lam is that path's state there, exactly what a path truncated at that lam would end on.
     trains = [fold_of != f for f in range(n_f)] + [np.ones(m, bool)]
-    paths = _solve_paths(X, centred, y, [(tr, pr) for pr in priors for tr in trains], lams, metric)
+    paths = _solve_paths(X, centred, y, [(tr, pr) for pr in priors for tr in trains], lams, metric, anchor)
     # path_pred[k * len(lams) + i, j]: prediction for checkpoint j from its fold's fit with priors[k] at lams[i].
     path_pred = np.empty((len(priors) * len(lams), m))
     for k in range(len(priors)):
@@ -171,6 +176,7 @@ def _fit(
     cv_path = fold_mse.mean(axis=1).reshape(len(priors), len(lams))
     report = {
         "prior": prior.name,
+        "anchor": None if anchor is None else list(anchor),
         "lam": lams[best],
         "lam_path": lams,
         "cv_mse_path": {pr.name: row.tolist() for pr, row in zip(priors, cv_path)},
@@ -284,14 +290,16 @@ class _Path:
     same matrix and :class:`_LockStep` can serve all of them with one pass.
     """
 
-    def __init__(self, centred: _Centred, y: np.ndarray, train: np.ndarray, prior: _Prior, n: int, metric: str) -> None:
-        self.train, self.y, self.prior = train, y[train], prior
+    def __init__(self, centred: _Centred, y: np.ndarray, train: np.ndarray, prior: _Prior, n: int, metric: str,
+                 anchor: tuple[float, float] | None) -> None:
+        self.train, self.y, self.prior, self.anchor = train, y[train], prior, anchor
         self.B = _whitening(centred.gram[np.ix_(train, train)], n)  # [r, m_train]
         self.r = self.B.shape[0]
         # Dividing the MSE by the score variance makes the objective O(1), so lam is relative and L-BFGS's
         # tolerances are scale-free.
         self.row_w = 1.0 / len(self.y) / max(float(np.var(self.y)), 1e-12)
-        link = fit_link(prior.mean_loss(centred)[train], self.y, metric)  # the link at w = p, where the path starts
+        # The link at w = p, where the path starts.
+        link = fit_link(prior.mean_loss(centred)[train], self.y, metric, anchor)
         lower, upper = _link_bounds(metric)
         self.bounds = Bounds(np.concatenate([np.full(self.r, -np.inf), lower]),
                              np.concatenate([np.full(self.r, np.inf), upper]))
@@ -306,12 +314,18 @@ class _Path:
 
     def link_terms(self, x: np.ndarray, L: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
         """Given every row's weighted loss ``L`` ``[m]``: the weighted MSE, its derivative in ``L`` (``[m]``,
-        zero on held-out rows) and its gradient in the link parameters ``[4]``."""
+        zero on held-out rows) and its gradient in the link parameters ``[4]``. The anchor counts as one more
+        row whose loss the weights do not move."""
         s, ds_dL, ds_dp = _link_eval(x[self.r :], L[self.train], grad=True)
         res = s - self.y
         dL = np.zeros(len(self.train))
         dL[self.train] = 2 * self.row_w * res * ds_dL
-        return self.row_w * float(res @ res), dL, (2 * self.row_w * res) @ ds_dp
+        f, g_link = self.row_w * float(res @ res), (2 * self.row_w * res) @ ds_dp
+        if self.anchor is not None:
+            s_a, _, ds_dp_a = _link_eval(x[self.r :], np.array([self.anchor[0]]), grad=True)
+            res_a = s_a - self.anchor[1]
+            f, g_link = f + self.row_w * float(res_a @ res_a), g_link + (2 * self.row_w * res_a) @ ds_dp_a
+        return f, dL, g_link
 
     def run(self, lams: Sequence[float], evaluate: Callable[[np.ndarray, float], tuple[float, np.ndarray, np.ndarray]]) -> list[_State]:
         """The L-BFGS-B path; ``evaluate(x, lam) -> (f, grad, X @ w)`` is this path's objective."""
@@ -334,10 +348,10 @@ class _Path:
 
 def _solve_paths(
     X: np.ndarray, centred: _Centred, y: np.ndarray, specs: Sequence[tuple[np.ndarray, _Prior]], lams: Sequence[float],
-    metric: str,
+    metric: str, anchor: tuple[float, float] | None,
 ) -> list[list[_State]]:
     """The path over ``lams`` of each (training-row mask, prior), all solved in lock step (one thread per path)."""
-    paths = [_Path(centred, y, tr, prior, X.shape[1], metric) for tr, prior in specs]
+    paths = [_Path(centred, y, tr, prior, X.shape[1], metric, anchor) for tr, prior in specs]
     # The products are split over _SHARDS column ranges in threads of our own (each one BLAS thread, see
     # fit_salience): on these skinny products that beat OpenBLAS's own two threads.
     with ThreadPoolExecutor(_SHARDS) as pool:
@@ -607,6 +621,20 @@ def _validate_fit_inputs(losses, scores, groups, probe, answer_mask, metric, n_f
         if not answer.any():
             answer = None  # a plain-text probe has no answer tokens: no "label" baseline
     return X, y, _folds(m, groups, n_folds, seed), answer, _prior_names(priors, answer)
+
+
+def _validate_anchor(anchor: Any, metric: str) -> tuple[float, float] | None:
+    if anchor is None:
+        return None
+    try:
+        loss, score = (float(v) for v in anchor)
+    except (TypeError, ValueError):  # not iterable, not two items, or not numbers
+        raise ValueError(f"anchor must be a (loss, score) pair of numbers, e.g. (0.0, 1.0), got {anchor!r}.") from None
+    if not (math.isfinite(loss) and math.isfinite(score)) or loss < 0:
+        raise ValueError(f"anchor must be a finite loss >= 0 and a finite score, got {anchor!r}.")
+    if metric == "acc" and not 0.0 <= score <= 1.0:
+        raise ValueError(f"metric 'acc' needs the anchor's score in [0, 1], got {score}.")
+    return loss, score
 
 
 def _prior_names(priors: Sequence[str] | None, answer: np.ndarray | None) -> tuple[str, ...]:

@@ -155,7 +155,7 @@ def _summary_html(sv: SalienceVector) -> str:
             ("scored tokens", sv.n_tokens), ("weighted-loss range in fitting", f"{sv.loss_range[0]:.4g} .. {sv.loss_range[1]:.4g}"),
             ("link", f"lo={sv.link.lo:.3g}, hi={sv.link.hi:.3g}, k={sv.link.k:.3g}, L0={sv.link.L0:.4g}")]
     for key, label in (("n_checkpoints", "checkpoints fitted"), ("prior", "prior the weights are shrunk towards"),
-                       ("lam", "regularisation (lambda)"),
+                       ("anchor", "anchor point (loss, score) of the link"), ("lam", "regularisation (lambda)"),
                        ("effective_tokens", "effective tokens (exp entropy of w)")):
         if key in rep:
             rows.append((label, f"{rep[key]:.4g}" if isinstance(rep[key], float) else rep[key]))

@@ -295,6 +295,11 @@ def test_fit_from_csv_prints_cv_table_and_writes_vector(store, scores_csv, tmp_p
     assert main(["fit", str(store), "--task", "arith", "--scores", str(scores_csv), "--groups", "col:run",
                  "--priors", "uniform", "--out", str(tmp_path / "u.safetensors")]) == 0
     assert set(SalienceVector.load(tmp_path / "u.safetensors").fit_report["cv_mse_path"]) == {"uniform"}
+    assert rep["anchor"] is None
+    assert main(["fit", str(store), "--task", "arith", "--scores", str(scores_csv), "--groups", "col:run",
+                 "--anchor", "0", "1", "--out", str(tmp_path / "a.safetensors")]) == 0
+    anchored = SalienceVector.load(tmp_path / "a.safetensors")
+    assert anchored.fit_report["anchor"] == [0.0, 1.0] and anchored.link(0.0) == pytest.approx(1.0, abs=0.05)
 
 
 def test_fit_leaves_out_unscored_checkpoints_with_a_note(store, scores_csv, tmp_path, capsys):

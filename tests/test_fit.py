@@ -3,6 +3,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from scipy.special import expit
 
 from csv_callback import ProbeMismatchError, ProbeSet, SalienceVector, SigmoidLink, fit_link, fit_salience
 from csv_callback.testing import synthetic_ladder
@@ -132,8 +133,8 @@ def test_a_path_does_not_depend_on_the_paths_solved_with_it(ladder):
     train = ladder.groups != ladder.groups[0]
     for prior, other in ((uniform, answer), (answer, uniform)):
         others = [(np.ones(len(y), bool), other), (~train, prior), (train, other)]
-        together = _solve_paths(X, centred, y, [(train, prior)] + others, _LAMBDA_GRID[:3], "acc")[0]
-        alone = _solve_paths(X, centred, y, [(train, prior)], _LAMBDA_GRID[:3], "acc")[0]
+        together = _solve_paths(X, centred, y, [(train, prior)] + others, _LAMBDA_GRID[:3], "acc", None)[0]
+        alone = _solve_paths(X, centred, y, [(train, prior)], _LAMBDA_GRID[:3], "acc", None)[0]
         for a, b in zip(together, alone):
             assert np.array_equal(a.coef, b.coef) and np.array_equal(a.loss, b.loss) and a.link == b.link
 
@@ -211,6 +212,36 @@ def test_default_priors_follow_the_answer_mask(ladder):
     assert np.array_equal(explicit.weights, sv.weights)  # with every token an answer, it is the uniform prior
     plain = fit_salience(ladder.losses, ladder.scores, groups=ladder.groups)
     assert set(plain.fit_report["cv_mse_path"]) == {"uniform"} and "label" not in plain.fit_report["cv_mse"]
+
+
+def test_anchor_pins_the_top_of_the_link_when_no_checkpoint_comes_near_it(ladder):
+    # A task whose perfect model scores 1, fitted only on checkpoints below 0.6 and asked about those above.
+    salient_loss = ladder.losses[:, ladder.salient].mean(1, dtype=np.float64)
+    y = 0.25 + 0.75 * expit(-3.0 * (salient_loss - 2.6))
+    low = y < 0.6
+    kw = dict(groups=ladder.groups[low], answer_mask=ladder.salient)
+    free = fit_salience(ladder.losses[low], y[low], **kw)
+    pinned = fit_salience(ladder.losses[low], y[low], anchor=(0.0, 1.0), **kw)
+    assert free.fit_report["anchor"] is None and pinned.fit_report["anchor"] == [0.0, 1.0]
+    assert pinned.link(0.0) == pytest.approx(1.0, abs=1e-3)
+
+    def mse(sv):
+        return float(np.mean((sv.predict(ladder.losses[~low]) - y[~low]) ** 2))
+
+    assert mse(pinned) < 1e-4 < 0.1 * mse(free)  # measured: 9.5e-7 and 1.4e-2
+    # The baselines' links are anchored too, so csv is compared with them on equal terms.
+    rep, mean_loss, y_low = pinned.fit_report, ladder.losses[low].mean(1, dtype=np.float64), y[low]
+    held = np.array(rep["folds"]) == 0
+    want = fit_link(mean_loss[~held], y_low[~held], anchor=(0.0, 1.0))(mean_loss[held])
+    assert np.allclose(np.array(rep["cv_pred"]["uniform"])[held], want)
+
+
+@pytest.mark.parametrize("anchor, match", [((0.0, 1.5), "in \\[0, 1\\]"), ((float("nan"), 1.0), "finite"),
+                                           ((-1.0, 1.0), "loss >= 0"), ("top", "pair of numbers"),
+                                           ((0.0, 1.0, 2.0), "pair of numbers")])
+def test_bad_anchor(ladder, anchor, match):
+    with pytest.raises(ValueError, match=match):
+        fit_salience(ladder.losses, ladder.scores, groups=ladder.groups, anchor=anchor)
 
 
 @pytest.mark.parametrize("priors, match", [(["answer"], "needs answer tokens"), (["flat"], "priors must be"),
