@@ -7,9 +7,12 @@ Reads what ``train.py`` wrote, the way a user's workflow would: each run's probe
 - (a) leave-one-mixture-out: ``fit_salience(groups=mixture)``, whose folds hold out one whole mixture; its
   ``fit_report`` gives held-out MSE/MAE of "csv", "uniform" (mean probe loss + link) and "label"
   (loss of the answer tokens of the probe's lines of the task's source, + link) under the same folds;
-- (b) small sizes -> largest: fit on every size but the largest (groups = mixture for the choice of the
-  regularisation), predict every checkpoint of the largest size; the baselines fit their link on the same
-  checkpoints.
+- (b) small sizes -> largest: fit on every size but the largest, predict every checkpoint of the largest
+  size; the baselines fit their link on the same checkpoints. The fit's cross-validation holds out one size
+  at a time (groups = size), since the question is now whether a vector transfers to a size it has not
+  seen (under (a) it holds out mixtures, for the same reason).
+
+Every link (csv's and the baselines') also fits the OLMo ladder's anchor point, zero loss -> accuracy 1.
 
 Next to the errors: the prior the fit chose (uniform or the task's answer tokens), the scores' own sampling
 noise (lm-eval's ``acc_stderr`` squared averaged over the predicted checkpoints) and, for (b), how many
@@ -39,6 +42,10 @@ from train import SIZES  # noqa: E402
 from world import TASKS, World  # noqa: E402
 
 METHODS = ("csv", "uniform", "label")
+# Every link, csv's and the baselines', also fits the OLMo ladder's step-2 point: zero loss scores 1 (a
+# model that predicts the probe's answers perfectly answers the questions). Without it the top of the curve
+# is free, and under (b) the smaller sizes never come near it.
+ANCHOR = (0.0, 1.0)
 
 
 @dataclass
@@ -93,7 +100,7 @@ def baseline_losses(ladder: Ladder, task: str) -> dict[str, np.ndarray]:
 
 def leave_one_mixture_out(ladder: Ladder, task: str) -> dict:
     sv = fit_salience(ladder.losses, ladder.scores[task], groups=ladder.mixtures, probe=ladder.probe,
-                      answer_mask=answer_mask(ladder, task), task=task)
+                      answer_mask=answer_mask(ladder, task), task=task, anchor=ANCHOR)
     rep = sv.fit_report
     return {"mse": rep["cv_mse"], "mae": rep["cv_mae"], "prior": rep["prior"],
             "score_noise": float(np.mean(ladder.stderr[task] ** 2)),
@@ -104,14 +111,14 @@ def small_to_largest(ladder: Ladder, task: str) -> dict:
     largest = max(set(ladder.sizes.tolist()), key=lambda s: list(SIZES).index(s))
     test = ladder.sizes == largest
     y = ladder.scores[task]
-    sv = fit_salience(ladder.losses[~test], y[~test], groups=ladder.mixtures[~test], probe=ladder.probe,
-                      answer_mask=answer_mask(ladder, task), task=task)
+    sv = fit_salience(ladder.losses[~test], y[~test], groups=ladder.sizes[~test], probe=ladder.probe,
+                      answer_mask=answer_mask(ladder, task), task=task, anchor=ANCHOR)
     pred = {"csv": np.asarray(sv.predict(ladder.losses[test]))}
     # What SalienceCallback logs as csv/<task>/extrapolating: the weighted loss is outside the fitted range.
     flagged = np.asarray(sv.extrapolates(np.asarray(sv.weighted_loss(ladder.losses[test]))))
     in_range = float(np.mean((pred["csv"][~flagged] - y[test][~flagged]) ** 2))
     for name, L in baseline_losses(ladder, task).items():
-        pred[name] = fit_link(L[~test], y[~test])(L[test])
+        pred[name] = fit_link(L[~test], y[~test], anchor=ANCHOR)(L[test])
     return {"mse": {k: float(np.mean((p - y[test]) ** 2)) for k, p in pred.items()},
             "mae": {k: float(np.mean(np.abs(p - y[test]))) for k, p in pred.items()},
             "pred": pred, "actual": y[test], "largest": largest, "prior": sv.fit_report["prior"],
