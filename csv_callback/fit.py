@@ -67,6 +67,7 @@ def fit_link(
     y = as_float_array(scores, "scores", 1)
     if L.shape != y.shape:
         raise ValueError(f"loss and scores must have the same shape, got {L.shape} and {y.shape}.")
+    anchor = _validate_anchor(anchor, metric)
     if anchor is not None:
         L, y = np.append(L, anchor[0]), np.append(y, anchor[1])
     lower, upper = _link_bounds(metric)

@@ -242,6 +242,8 @@ def test_anchor_pins_the_top_of_the_link_when_no_checkpoint_comes_near_it(ladder
 def test_bad_anchor(ladder, anchor, match):
     with pytest.raises(ValueError, match=match):
         fit_salience(ladder.losses, ladder.scores, groups=ladder.groups, anchor=anchor)
+    with pytest.raises(ValueError, match=match):
+        fit_link(ladder.losses.mean(1), ladder.scores, anchor=anchor)
 
 
 @pytest.mark.parametrize("priors, match", [(["answer"], "needs answer tokens"), (["flat"], "priors must be"),
