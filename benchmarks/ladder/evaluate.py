@@ -12,8 +12,6 @@ Reads what ``train.py`` wrote, the way a user's workflow would: each run's probe
   at a time (groups = size), since the question is now whether a vector transfers to a size it has not
   seen (under (a) it holds out mixtures, for the same reason).
 
-Every link (csv's and the baselines') also fits the OLMo ladder's anchor point, zero loss -> accuracy 1.
-
 Next to the errors: the prior the fit chose (uniform or the task's answer tokens), the scores' own sampling
 noise (lm-eval's ``acc_stderr`` squared averaged over the predicted checkpoints) and, for (b), how many
 checkpoints the vector flags as extrapolating (weighted loss outside the range seen in fitting, what
@@ -42,10 +40,6 @@ from train import SIZES  # noqa: E402
 from world import TASKS, World  # noqa: E402
 
 METHODS = ("csv", "uniform", "label")
-# Every link, csv's and the baselines', also fits the OLMo ladder's step-2 point: zero loss scores 1 (a
-# model that predicts the probe's answers perfectly answers the questions). Without it the top of the curve
-# is free, and under (b) the smaller sizes never come near it.
-ANCHOR = (0.0, 1.0)
 
 
 @dataclass
@@ -100,7 +94,7 @@ def baseline_losses(ladder: Ladder, task: str) -> dict[str, np.ndarray]:
 
 def leave_one_mixture_out(ladder: Ladder, task: str) -> dict:
     sv = fit_salience(ladder.losses, ladder.scores[task], groups=ladder.mixtures, probe=ladder.probe,
-                      answer_mask=answer_mask(ladder, task), task=task, anchor=ANCHOR)
+                      answer_mask=answer_mask(ladder, task), task=task)
     rep = sv.fit_report
     return {"mse": rep["cv_mse"], "mae": rep["cv_mae"], "prior": rep["prior"],
             "score_noise": float(np.mean(ladder.stderr[task] ** 2)),
@@ -112,13 +106,13 @@ def small_to_largest(ladder: Ladder, task: str) -> dict:
     test = ladder.sizes == largest
     y = ladder.scores[task]
     sv = fit_salience(ladder.losses[~test], y[~test], groups=ladder.sizes[~test], probe=ladder.probe,
-                      answer_mask=answer_mask(ladder, task), task=task, anchor=ANCHOR)
+                      answer_mask=answer_mask(ladder, task), task=task)
     pred = {"csv": np.asarray(sv.predict(ladder.losses[test]))}
     # What SalienceCallback logs as csv/<task>/extrapolating: the weighted loss is outside the fitted range.
     flagged = np.asarray(sv.extrapolates(np.asarray(sv.weighted_loss(ladder.losses[test]))))
     in_range = float(np.mean((pred["csv"][~flagged] - y[test][~flagged]) ** 2))
     for name, L in baseline_losses(ladder, task).items():
-        pred[name] = fit_link(L[~test], y[~test], anchor=ANCHOR)(L[test])
+        pred[name] = fit_link(L[~test], y[~test])(L[test])
     return {"mse": {k: float(np.mean((p - y[test]) ** 2)) for k, p in pred.items()},
             "mae": {k: float(np.mean(np.abs(p - y[test]))) for k, p in pred.items()},
             "pred": pred, "actual": y[test], "largest": largest, "prior": sv.fit_report["prior"],
