@@ -157,7 +157,7 @@ def _summary_html(sv: SalienceVector) -> str:
     for key, label in (("n_checkpoints", "checkpoints fitted"), ("prior", "prior the weights are shrunk towards"),
                        ("anchor", "anchor point (loss, score) of the link"), ("lam", "regularisation (lambda)"),
                        ("effective_tokens", "effective tokens (exp entropy of w)")):
-        if key in rep:
+        if rep.get(key) is not None:  # an unanchored fit records anchor None: no row
             rows.append((label, f"{rep[key]:.4g}" if isinstance(rep[key], float) else rep[key]))
     out = "<table>" + "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows) + "</table>"
     if "cv_mse" in rep:
