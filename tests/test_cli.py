@@ -300,6 +300,9 @@ def test_fit_from_csv_prints_cv_table_and_writes_vector(store, scores_csv, tmp_p
                  "--anchor", "0", "1", "--out", str(tmp_path / "a.safetensors")]) == 0
     anchored = SalienceVector.load(tmp_path / "a.safetensors")
     assert anchored.fit_report["anchor"] == [0.0, 1.0] and anchored.link(0.0) == pytest.approx(1.0, abs=0.05)
+    for name, shown in (("a", True), ("u", False)):  # the report names the anchor, and only when there is one
+        assert main(["report", str(tmp_path / f"{name}.safetensors"), "--out", str(tmp_path / f"report-{name}")]) == 0
+        assert ("anchor point (loss, score)" in (tmp_path / f"report-{name}" / "index.html").read_text()) is shown
 
 
 def test_fit_leaves_out_unscored_checkpoints_with_a_note(store, scores_csv, tmp_path, capsys):
