@@ -294,6 +294,7 @@ class _Path:
     def __init__(self, centred: _Centred, y: np.ndarray, train: np.ndarray, prior: _Prior, n: int, metric: str,
                  anchor: tuple[float, float] | None) -> None:
         self.train, self.y, self.prior, self.anchor = train, y[train], prior, anchor
+        self.y_fit = self.y if anchor is None else np.append(self.y, anchor[1])  # the scores the link fits
         self.B = _whitening(centred.gram[np.ix_(train, train)], n)  # [r, m_train]
         self.r = self.B.shape[0]
         # Dividing the MSE by the score variance makes the objective O(1), so lam is relative and L-BFGS's
@@ -317,16 +318,12 @@ class _Path:
         """Given every row's weighted loss ``L`` ``[m]``: the weighted MSE, its derivative in ``L`` (``[m]``,
         zero on held-out rows) and its gradient in the link parameters ``[4]``. The anchor counts as one more
         row whose loss the weights do not move."""
-        s, ds_dL, ds_dp = _link_eval(x[self.r :], L[self.train], grad=True)
-        res = s - self.y
+        L_fit = L[self.train] if self.anchor is None else np.append(L[self.train], self.anchor[0])
+        s, ds_dL, ds_dp = _link_eval(x[self.r :], L_fit, grad=True)
+        res = s - self.y_fit
         dL = np.zeros(len(self.train))
-        dL[self.train] = 2 * self.row_w * res * ds_dL
-        f, g_link = self.row_w * float(res @ res), (2 * self.row_w * res) @ ds_dp
-        if self.anchor is not None:
-            s_a, _, ds_dp_a = _link_eval(x[self.r :], np.array([self.anchor[0]]), grad=True)
-            res_a = s_a - self.anchor[1]
-            f, g_link = f + self.row_w * float(res_a @ res_a), g_link + (2 * self.row_w * res_a) @ ds_dp_a
-        return f, dL, g_link
+        dL[self.train] = (2 * self.row_w * res * ds_dL)[: len(self.y)]
+        return self.row_w * float(res @ res), dL, (2 * self.row_w * res) @ ds_dp
 
     def run(self, lams: Sequence[float], evaluate: Callable[[np.ndarray, float], tuple[float, np.ndarray, np.ndarray]]) -> list[_State]:
         """The L-BFGS-B path; ``evaluate(x, lam) -> (f, grad, X @ w)`` is this path's objective."""
