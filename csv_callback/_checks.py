@@ -6,33 +6,45 @@ asks that bad input fails early and loudly, never by silent coercion.
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 import numpy as np
 import torch
 
 _FINITE_CHUNK = 2**20  # elements per chunk of require_finite's check
+_CHECKPOINT_FIX = "drop or re-evaluate those checkpoints before fitting or predicting"
 
 
-def as_float_array(x: Any, name: str, ndim: int | tuple[int, ...], dtype: type = np.float64) -> np.ndarray:
+def as_float_array(
+    x: Any, name: str, ndim: int | tuple[int, ...], dtype: type = np.float64, fix: str = _CHECKPOINT_FIX
+) -> np.ndarray:
     """Convert a tensor / array-like to a finite numpy array of ``ndim`` dimensions.
 
-    Raises ValueError on a wrong number of dimensions, an empty array or any NaN/inf entry.
+    Raises ValueError on a wrong number of dimensions, an empty array or any NaN/inf entry; ``fix`` is the
+    advice given for a non-finite entry (see :func:`require_finite`).
     """
     if isinstance(x, torch.Tensor):
         x = x.detach().to("cpu", torch.float64 if dtype == np.float64 else torch.float32).numpy()
-    arr = np.asarray(x, dtype=dtype)
+    try:
+        arr = np.asarray(x, dtype=dtype)
+    except (TypeError, ValueError) as e:  # e.g. strings, or ragged rows
+        raise ValueError(f"{name} must be an array of numbers ({e}).") from None
     allowed = (ndim,) if isinstance(ndim, int) else ndim
     if arr.ndim not in allowed:
         raise ValueError(f"{name} must have {' or '.join(map(str, allowed))} dimension(s), got shape {arr.shape}.")
     if arr.size == 0:
         raise ValueError(f"{name} is empty (shape {arr.shape}); pass at least one value.")
-    require_finite(arr, name)
+    require_finite(arr, name, fix)
     return arr
 
 
-def require_finite(arr: np.ndarray, name: str) -> None:
-    """Raise ValueError naming the first non-finite entry of ``arr``."""
+def require_finite(arr: np.ndarray, name: str, fix: str = _CHECKPOINT_FIX) -> None:
+    """Raise ValueError naming the first non-finite entry of ``arr``.
+
+    ``fix`` completes the message with what the caller should do; the default suits losses and scores of
+    checkpoints, the usual input.
+    """
     # Rows are checked in bounded chunks first: a whole-array check of a multi-GB loss matrix makes two bool
     # temporaries of a quarter of its size each, which was the peak memory of `csv-callback fit`.
     if arr.ndim >= 2 and arr.size > _FINITE_CHUNK:
@@ -43,6 +55,40 @@ def require_finite(arr: np.ndarray, name: str) -> None:
     if bad.any():
         first = tuple(int(i) for i in np.argwhere(bad)[0])
         raise ValueError(
-            f"{name} contains {int(bad.sum())} non-finite value(s) (NaN or inf), the first at index {first}; "
-            "drop or re-evaluate those checkpoints before fitting or predicting."
+            f"{name} contains {int(bad.sum())} non-finite value(s) (NaN or inf), the first at index {first}; {fix}."
         )
+
+
+def as_float_tuple(value: Any, name: str, n: int, form: str) -> tuple[float, ...]:
+    """``value`` as a tuple of ``n`` floats (NaN/inf allowed: callers decide); ``form`` describes what is expected,
+    e.g. ``"a (loss, score) pair of numbers, e.g. (0.0, 1.0)"``."""
+    # A str is iterable: "01" would pass as the pair (0.0, 1.0).
+    if not isinstance(value, (str, bytes)):
+        try:
+            out = tuple(float(v) for v in value)
+        except (TypeError, ValueError):  # not iterable, or an item that is not a number
+            out = ()
+        if len(out) == n:
+            return out
+    raise ValueError(f"{name} must be {form}, got {value!r}.")
+
+
+def require_int(value: Any, name: str, minimum: int) -> int:
+    """``value`` as an int >= ``minimum``; floats (even 2.0) and bools are refused, not truncated."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}.")
+    return int(value)
+
+
+def require_str(value: Any, name: str, allow_empty: bool = False) -> str:
+    """``value`` if it is a str (non-empty unless ``allow_empty``)."""
+    if not isinstance(value, str) or not (value or allow_empty):
+        kind = "a str" if allow_empty else "a non-empty str"
+        raise ValueError(f"{name} must be {kind}, got {value!r}.")
+    return value
+
+
+def is_integer_tensor(t: torch.Tensor) -> bool:
+    """True for a tensor of an integer dtype. Bool is not one (True would silently index 1), nor is a float
+    dtype (0.7 would silently become 0)."""
+    return not (t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool)

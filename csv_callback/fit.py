@@ -27,7 +27,7 @@ from scipy.optimize import Bounds, least_squares, minimize
 from scipy.special import expit, log_softmax
 from threadpoolctl import threadpool_limits
 
-from ._checks import as_float_array
+from ._checks import as_float_array, as_float_tuple, require_int, require_str
 from .probe import ProbeMismatchError, ProbeSet
 from .salience import SalienceVector, SigmoidLink
 
@@ -47,6 +47,11 @@ _GRAM_BLOCK_ELEMENTS = 2**19  # a 2 MiB float32 temporary per block of the Gram 
 # a fit's rounding is the same on every machine.
 _BLOCK_ELEMENTS = 2**19
 _SHARDS = 2
+# Fewest (loss, score) points a link is fitted to, the anchor aside. Fewer than its 4 parameters leave the fit
+# to the bounds and the start, which is what cross-validating 3 checkpoints (2 per fit) has always meant; one
+# point has no slope at all.
+_MIN_LINK_POINTS = 2
+_DEFAULT_FOLDS = 5
 
 
 def fit_link(
@@ -56,22 +61,28 @@ def fit_link(
     anchor: tuple[float, float] | None = None,
     start: tuple[float, float, float, float] | None = None,
 ) -> SigmoidLink:
-    """Least-squares fit of :class:`SigmoidLink` to ``loss`` ``[m]`` -> ``scores`` ``[m]``.
+    """Least-squares fit of :class:`SigmoidLink` to ``loss`` ``[m]`` -> ``scores`` ``[m]``, ``m >= 2``.
 
-    For ``metric="acc"`` the bounds are the OLMo ladder's step-2 fit: ``hi`` in [0, 1], ``hi - lo`` in
-    [0, 1], ``k`` > 0 and ``L0`` >= 0. ``anchor`` adds one
-    extra point (e.g. ``(0.0, 1.0)``: zero loss, perfect score). ``start`` is ``(lo, hi, k, L0)``;
-    by default the best of a data-driven start and the OLMo ladder's start is kept.
+    For ``metric="acc"`` the scores must lie in [0, 1] and the bounds are the OLMo ladder's step-2 fit:
+    ``hi`` in [0, 1], ``hi - lo`` in [0, 1], ``k`` > 0 and ``L0`` >= 0. ``anchor`` adds one
+    extra point (e.g. ``(0.0, 1.0)``: zero loss, perfect score). ``start`` is ``(lo, hi, k, L0)``, a valid
+    link within those bounds; by default the best of a data-driven start and the OLMo ladder's start is kept.
     """
     L = as_float_array(loss, "loss", 1)
     y = as_float_array(scores, "scores", 1)
     if L.shape != y.shape:
         raise ValueError(f"loss and scores must have the same shape, got {L.shape} and {y.shape}.")
+    if len(L) < _MIN_LINK_POINTS:
+        raise ValueError(
+            f"fit_link needs at least {_MIN_LINK_POINTS} (loss, score) points besides the anchor, got {len(L)}; "
+            "a single point does not determine how the score falls with the loss."
+        )
+    _check_scores(y, metric)
     anchor = _validate_anchor(anchor, metric)
     if anchor is not None:
         L, y = np.append(L, anchor[0]), np.append(y, anchor[1])
     lower, upper = _link_bounds(metric)
-    starts = [start] if start is not None else _link_starts(L, y, metric)
+    starts = [_validate_start(start, metric)] if start is not None else _link_starts(L, y, metric)
     best = None
     for s in starts:
         p0 = np.clip(_to_params(*s), lower, upper)
@@ -90,7 +101,7 @@ def fit_salience(
     answer_mask: Any = None,
     task: str = "task",
     metric: str = "acc",
-    n_folds: int = 5,
+    n_folds: int | None = None,
     seed: int = 0,
     priors: Sequence[str] | None = None,
     anchor: tuple[float, float] | None = None,
@@ -103,10 +114,13 @@ def fit_salience(
         groups: ``[m]`` labels of the held-out unit (run, data mixture). Each fold holds out whole groups
             (one group per fold up to 10 groups, else ``n_folds`` folds of groups). Without groups,
             random ``n_folds``-fold CV over checkpoints, which flatters every method when checkpoints of
-            one run are correlated.
+            one run are correlated. Every fold must leave at least 2 checkpoints to fit on.
         probe: the probe the losses were computed on; records its fingerprint and answer mask.
         answer_mask: bool ``[n]``, the answer tokens for the "label" baseline (default: the probe's).
         task, metric: names stored in the vector; ``metric="acc"`` requires scores in [0, 1].
+        n_folds: folds when there are more than 10 groups or none: an int >= 2, at most the number of groups
+            (or checkpoints, without groups). Default: 5, or one checkpoint per fold with fewer than 5.
+        seed: an int >= 0, the seed of the random folds (without groups).
         priors: what the weights are pulled towards, from :data:`PRIORS`: ``"uniform"`` (every scored token
             alike) and ``"answer"`` (``_ANSWER_PRIOR_MASS`` of the mass spread over the answer tokens, the
             rest over the others). Default: both when the answer mask marks some but not all tokens, else
@@ -122,8 +136,8 @@ def fit_salience(
         predictions. The csv error is honest about those choices: fold f's predictions use the prior and
         ``lam`` that did best on the other folds.
     """
-    X, y, fold_of, answer, priors = _validate_fit_inputs(losses, scores, groups, probe, answer_mask, metric, n_folds,
-                                                         seed, priors)
+    X, y, fold_of, answer, priors = _validate_fit_inputs(losses, scores, groups, probe, answer_mask, task, metric,
+                                                         n_folds, seed, priors)
     anchor = _validate_anchor(anchor, metric)
     # One BLAS thread per call throughout: the solver splits its products over threads of its own, and
     # OpenBLAS's two threads, spinning while Python works between calls, were slower everywhere and up to
@@ -591,19 +605,24 @@ def _link_jac(p: np.ndarray, L: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------- validation and folds
-def _validate_fit_inputs(losses, scores, groups, probe, answer_mask, metric, n_folds, seed, priors):
+def _validate_fit_inputs(losses, scores, groups, probe, answer_mask, task, metric, n_folds, seed, priors):
+    require_str(task, "task")
+    if n_folds is not None:
+        require_int(n_folds, "n_folds", 2)
+    require_int(seed, "seed", 0)
+    if probe is not None and not isinstance(probe, ProbeSet):
+        raise ValueError(f"probe must be a ProbeSet, got {type(probe).__name__}; load a probe file with ProbeSet.load.")
     X = as_float_array(losses, "losses", 2, dtype=np.float32)
     y = as_float_array(scores, "scores", 1)
     m, n = X.shape
     if y.shape != (m,):
         raise ValueError(f"scores has shape {y.shape} but losses has {m} rows (checkpoints); pass one score per row.")
-    if m < 3:
-        raise ValueError(f"fit_salience needs at least 3 checkpoints, got {m}; a 4-parameter link cannot be fitted.")
-    if metric == "acc" and ((y < 0) | (y > 1)).any():
+    if m < _MIN_LINK_POINTS + 1:
         raise ValueError(
-            f"metric 'acc' needs scores in [0, 1], got range [{y.min():.4g}, {y.max():.4g}]; "
-            "pass fractions, not percentages, or name another metric."
+            f"fit_salience needs at least {_MIN_LINK_POINTS + 1} checkpoints, got {m}: cross-validation holds "
+            f"checkpoints out and each link is fitted to at least {_MIN_LINK_POINTS}."
         )
+    _check_scores(y, metric)
     if probe is not None and probe.n_tokens != n:
         raise ProbeMismatchError(
             f"losses have {n} tokens per row but the probe {probe.fingerprint} has {probe.n_tokens}; "
@@ -621,13 +640,36 @@ def _validate_fit_inputs(losses, scores, groups, probe, answer_mask, metric, n_f
     return X, y, _folds(m, groups, n_folds, seed), answer, _prior_names(priors, answer)
 
 
+def _check_scores(y: np.ndarray, metric: str) -> None:
+    """``metric`` must be a name; for ``"acc"`` the scores ``[m]`` must be fractions."""
+    require_str(metric, "metric")
+    if metric == "acc" and ((y < 0) | (y > 1)).any():
+        raise ValueError(
+            f"metric 'acc' needs scores in [0, 1], got range [{y.min():.4g}, {y.max():.4g}]; "
+            "pass fractions, not percentages, or name another metric."
+        )
+
+
+def _validate_start(start: Any, metric: str) -> tuple[float, float, float, float]:
+    """``start`` as ``(lo, hi, k, L0)``: a valid link inside ``metric``'s bounds, which least squares requires."""
+    lo, hi, k, L0 = as_float_tuple(start, "start", 4, "a (lo, hi, k, L0) tuple of 4 numbers")
+    try:
+        SigmoidLink(lo, hi, k, L0)
+    except ValueError as e:
+        raise ValueError(f"start={start!r} is not a valid link: {e}") from None
+    lower, upper = _link_bounds(metric)
+    p = _to_params(lo, hi, k, L0)
+    outside = [f"{name}={v:.4g} not in [{a:g}, {b:g}]"
+               for name, v, a, b in zip(("hi - lo", "L0", "k", "hi"), p, lower, upper) if not a <= v <= b]
+    if outside:
+        raise ValueError(f"start={start!r} is outside the bounds of metric {metric!r}: {'; '.join(outside)}.")
+    return lo, hi, k, L0
+
+
 def _validate_anchor(anchor: Any, metric: str) -> tuple[float, float] | None:
     if anchor is None:
         return None
-    try:
-        loss, score = (float(v) for v in anchor)
-    except (TypeError, ValueError):  # not iterable, not two items, or not numbers
-        raise ValueError(f"anchor must be a (loss, score) pair of numbers, e.g. (0.0, 1.0), got {anchor!r}.") from None
+    loss, score = as_float_tuple(anchor, "anchor", 2, "a (loss, score) pair of numbers, e.g. (0.0, 1.0)")
     if not (math.isfinite(loss) and math.isfinite(score)) or loss < 0:
         raise ValueError(f"anchor must be a finite loss >= 0 and a finite score, got {anchor!r}.")
     if metric == "acc" and not 0.0 <= score <= 1.0:
@@ -640,7 +682,10 @@ def _prior_names(priors: Sequence[str] | None, answer: np.ndarray | None) -> tup
     proper_subset = answer is not None and not answer.all()
     if priors is None:
         return PRIORS if proper_subset else ("uniform",)
-    names = tuple(priors) if not isinstance(priors, str) else (priors,)
+    try:
+        names = tuple(priors) if not isinstance(priors, str) else (priors,)
+    except TypeError:  # not iterable
+        names = (priors,)
     unknown = [p for p in names if p not in PRIORS]
     if not names or unknown or len(set(names)) != len(names):
         raise ValueError(f"priors must be distinct names from {PRIORS}, got {list(names)}.")
@@ -650,27 +695,68 @@ def _prior_names(priors: Sequence[str] | None, answer: np.ndarray | None) -> tup
     return names
 
 
-def _folds(m: int, groups: Sequence[Any] | None, n_folds: int, seed: int) -> np.ndarray:
-    """int ``[m]``: the fold of each checkpoint."""
+def _folds(m: int, groups: Sequence[Any] | None, n_folds: int | None, seed: int) -> np.ndarray:
+    """int ``[m]``: the fold of each checkpoint, every fold leaving at least ``_MIN_LINK_POINTS`` to fit on."""
     if groups is None:
-        k = min(n_folds, m)
-        fold_of = np.arange(m) % k
-        return np.random.default_rng(seed).permutation(fold_of)
-    groups = np.asarray(list(groups), dtype=object)
-    if groups.shape != (m,):
-        raise ValueError(f"groups must have one label per checkpoint ({m}), got {groups.shape[0]}.")
-    names, g = np.unique(groups.astype(str), return_inverse=True)
+        k = _fold_count(n_folds, m, "checkpoint")
+        fold_of = np.random.default_rng(seed).permutation(np.arange(m) % k)
+    else:
+        labels = _group_labels(m, groups)
+        fold_of = _group_folds(labels, n_folds)
+    held = np.bincount(fold_of)
+    f = int(np.argmax(held))
+    if m - held[f] < _MIN_LINK_POINTS:
+        held_out = "" if groups is None else f" (group(s) {sorted({str(x) for x in labels[fold_of == f]})})"
+        raise ValueError(
+            f"cross-validation fold {f} holds out {held[f]} of the {m} checkpoints{held_out}, leaving {m - held[f]} "
+            f"to fit on; every fit needs at least {_MIN_LINK_POINTS}. Add checkpoints, or split them into more, "
+            "smaller folds or groups."
+        )
+    return fold_of
+
+
+def _group_labels(m: int, groups: Any) -> np.ndarray:
+    """str ``[m]``: ``groups`` checked to hold one label per checkpoint."""
+    if isinstance(groups, (str, bytes)):  # a str is iterable: its characters would become the labels
+        raise ValueError(
+            f"groups is a single str {groups[:30]!r}; pass one label per checkpoint, e.g. a list of run names."
+        )
+    try:
+        labels = np.asarray(list(groups), dtype=object)
+    except TypeError:  # not iterable
+        raise ValueError(f"groups must be a sequence of one label per checkpoint ({m}), got {groups!r}.") from None
+    if labels.shape != (m,):
+        raise ValueError(f"groups must have one label per checkpoint ({m}), got {labels.shape[0]}.")
+    return labels.astype(str)
+
+
+def _group_folds(labels: np.ndarray, n_folds: int | None) -> np.ndarray:
+    """int ``[m]``: folds holding out whole groups of ``labels`` ``[m]``, one group per fold up to 10 groups."""
+    names, g = np.unique(labels, return_inverse=True)
     if len(names) < 2:
         raise ValueError(
-            f"groups has a single group ({names[0]!r}); cross-validation over groups needs >= 2. "
+            f"groups has a single group ({str(names[0])!r}); cross-validation over groups needs >= 2. "
             "Pass groups=None for random folds over checkpoints."
         )
     if len(names) <= 10:
         return g
     # Larger groups first, each to the currently smallest fold (balanced group k-fold).
     sizes = np.bincount(g)
-    fold_size, fold_of_group = np.zeros(n_folds), np.empty(len(names), int)
+    fold_size, fold_of_group = np.zeros(_fold_count(n_folds, len(names), "group")), np.empty(len(names), int)
     for gi in np.argsort(-sizes, kind="stable"):
         fold_of_group[gi] = int(np.argmin(fold_size))
         fold_size[fold_of_group[gi]] += sizes[gi]
     return fold_of_group[g]
+
+
+def _fold_count(n_folds: int | None, units: int, unit: str) -> int:
+    """How many folds to split ``units`` items (each a ``unit``) into: ``n_folds`` (already checked to be an int
+    >= 2) or the default, and never more than one item per fold."""
+    if n_folds is None:
+        return min(_DEFAULT_FOLDS, units)
+    if n_folds > units:
+        raise ValueError(
+            f"n_folds={n_folds} is more than the {units} {unit}s to split into folds; pass n_folds <= {units} "
+            f"(n_folds={units} holds out one {unit} per fold)."
+        )
+    return n_folds

@@ -10,7 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from ._checks import is_integer_tensor, require_int, require_str
+
 FORMAT = "csv_callback.probe/1"
+_TENSORS = ("input_ids", "offsets", "score_mask", "answer_mask")
 
 
 class ProbeMismatchError(ValueError):
@@ -63,12 +67,12 @@ class ProbeSet:
         tokenizer_hash: str,
         max_length: int,
     ) -> None:
-        self.input_ids = input_ids.to(torch.int64)
-        self.offsets = offsets.to(torch.int64)
-        self.score_mask = score_mask.to(torch.bool)
-        self.answer_mask = answer_mask.to(torch.bool)
-        self.tokenizer_hash = str(tokenizer_hash)
-        self.max_length = int(max_length)
+        self.input_ids = _typed_tensor(input_ids, "input_ids", torch.int64)
+        self.offsets = _typed_tensor(offsets, "offsets", torch.int64)
+        self.score_mask = _typed_tensor(score_mask, "score_mask", torch.bool)
+        self.answer_mask = _typed_tensor(answer_mask, "answer_mask", torch.bool)
+        self.tokenizer_hash = require_str(tokenizer_hash, "ProbeSet: tokenizer_hash")
+        self.max_length = require_int(max_length, "ProbeSet: max_length", 2)
         self._validate()
         self.fingerprint = self._fingerprint()
 
@@ -76,6 +80,11 @@ class ProbeSet:
         ids, off, sm = self.input_ids, self.offsets, self.score_mask
         if ids.ndim != 1 or off.ndim != 1 or sm.shape != ids.shape:
             raise ValueError("ProbeSet: input_ids and score_mask must be 1-D of equal length, offsets 1-D.")
+        if len(ids) and int(ids.min()) < 0:
+            raise ValueError(
+                f"ProbeSet: input_ids has {int((ids < 0).sum())} negative token id(s) (min {int(ids.min())}); "
+                "token ids index the tokenizer's vocabulary and must be >= 0."
+            )
         if len(off) < 2:
             raise ValueError("ProbeSet is empty: it needs at least one sequence with a scored token.")
         lengths = off[1:] - off[:-1]
@@ -109,9 +118,11 @@ class ProbeSet:
 
         A text longer than ``max_length`` tokens becomes several sequences that overlap by one token, so
         every token after the text's first is still scored exactly once (with a context truncated to the
-        window). Raises ValueError for an empty list or a text of fewer than 2 tokens.
+        window). Raises ValueError for an empty list, a bare str (pass ``[text]``) or a text of fewer than 2
+        tokens.
         """
-        max_length = _check_max_length(max_length)
+        max_length = require_int(max_length, "max_length", 2)
+        tok_hash = tokenizer_hash(tokenizer)
         seqs, masks = [], []
         for i, text in enumerate(_non_empty(texts, "texts")):
             if not isinstance(text, str):
@@ -128,7 +139,7 @@ class ProbeSet:
                 seqs.append(chunk)
                 masks.append([False] + [True] * (len(chunk) - 1))
         n_scored = sum(len(m) - 1 for m in masks)
-        return cls._build(seqs, masks, [False] * n_scored, tokenizer, max_length)
+        return cls._build(seqs, masks, [False] * n_scored, tok_hash, max_length)
 
     @classmethod
     def from_pairs(
@@ -147,7 +158,8 @@ class ProbeSet:
         the left). With ``score_context=True`` the context's next-token losses are scored as well;
         ``answer_mask`` marks the continuation tokens either way.
         """
-        max_length = _check_max_length(max_length)
+        max_length = require_int(max_length, "max_length", 2)
+        tok_hash = tokenizer_hash(tokenizer)
         seqs, masks, answer = [], [], []
         for i, pair in enumerate(_non_empty(pairs, "pairs")):
             context, continuation = _unpack_pair(pair, i)
@@ -163,17 +175,17 @@ class ProbeSet:
             seqs.append(ids)
             masks.append(mask)
             answer += [False] * (sum(mask) - len(cont_ids)) + [True] * len(cont_ids)
-        return cls._build(seqs, masks, answer, tokenizer, max_length)
+        return cls._build(seqs, masks, answer, tok_hash, max_length)
 
     @classmethod
-    def _build(cls, seqs, masks, answer, tokenizer, max_length) -> "ProbeSet":
+    def _build(cls, seqs, masks, answer, tok_hash: str, max_length: int) -> "ProbeSet":
         lengths = [len(s) for s in seqs]
         return cls(
             input_ids=torch.tensor([t for s in seqs for t in s], dtype=torch.int64),
             offsets=torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int64),
             score_mask=torch.tensor([m for ms in masks for m in ms], dtype=torch.bool),
             answer_mask=torch.tensor(answer, dtype=torch.bool),
-            tokenizer_hash=tokenizer_hash(tokenizer),
+            tokenizer_hash=tok_hash,
             max_length=max_length,
         )
 
@@ -183,6 +195,9 @@ class ProbeSet:
         probes = list(probes)
         if not probes:
             raise ValueError("ProbeSet.concat needs at least one probe.")
+        others = [f"probes[{i}] is {type(p).__name__}" for i, p in enumerate(probes) if not isinstance(p, ProbeSet)]
+        if others:
+            raise ValueError(f"ProbeSet.concat joins ProbeSets only: {', '.join(others)}; load it with ProbeSet.load.")
         hashes = {p.tokenizer_hash for p in probes}
         if len(hashes) > 1:
             raise ProbeMismatchError(f"ProbeSet.concat: the probes come from different tokenizers {sorted(hashes)}.")
@@ -252,17 +267,34 @@ class ProbeSet:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ProbeSet":
-        """Read a probe written by :meth:`save`; ValueError if the file is missing, corrupt or not a probe."""
-        tensors, meta = read_safetensors(path, FORMAT, ("input_ids", "offsets", "score_mask", "answer_mask"))
-        probe = cls(**tensors, tokenizer_hash=meta["tokenizer_hash"], max_length=int(meta["max_length"]))
-        if probe.fingerprint != meta.get("fingerprint"):
-            raise ValueError(f"{path}: the stored fingerprint does not match the stored tokens; the file is corrupt.")
+        """Read a probe written by :meth:`save`.
+
+        Raises FileNotFoundError for a missing file and ValueError naming the file for anything else: not a
+        safetensors file, another format, malformed metadata or tensors, or tokens that do not match the
+        stored fingerprint.
+        """
+        tensors, meta = read_safetensors(path, FORMAT, _TENSORS)
+        with malformed_file(path, "probe", "rebuild it (csv-callback probe, or ProbeSet.from_texts / from_pairs) "
+                                           "and save it again"):
+            missing = [k for k in ("tokenizer_hash", "max_length") if k not in meta]
+            if missing:
+                raise ValueError(f"its metadata lacks {missing}")
+            if not meta["max_length"].isascii() or not meta["max_length"].isdigit():
+                raise ValueError(f"its max_length {meta['max_length']!r} is not a whole number")
+            probe = cls(**{k: tensors[k] for k in _TENSORS}, tokenizer_hash=meta["tokenizer_hash"],
+                        max_length=int(meta["max_length"]))
+            if probe.fingerprint != meta.get("fingerprint"):
+                raise ValueError("the stored fingerprint does not match the stored tokens; the file is corrupt")
         return probe
 
 
 def atomic_save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: str | os.PathLike) -> None:
     """``safetensors.torch.save_file`` through a temporary file and ``os.replace``."""
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a directory; pass a file path, e.g. {path / 'name.safetensors'}.")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"{path.parent}: no such directory; create it first.")
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
@@ -292,13 +324,31 @@ def read_safetensors(
     return tensors, meta
 
 
-def _check_max_length(max_length: int) -> int:
-    if not isinstance(max_length, int) or max_length < 2:
-        raise ValueError(f"max_length must be an int >= 2, got {max_length!r}.")
-    return max_length
+@contextmanager
+def malformed_file(path: str | os.PathLike, kind: str, fix: str) -> Iterator[None]:
+    """Turn an error raised while building an object from ``path``'s contents into one ValueError that names
+    the file, says it is not a valid ``kind`` file and gives the ``fix``."""
+    try:
+        yield
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path} is not a valid csv_callback {kind} file: {str(e).rstrip('.')}; {fix}.") from e
+
+
+def _typed_tensor(x: Any, name: str, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` as a tensor of ``dtype`` (int64 or bool), refusing values the conversion would change."""
+    t = torch.as_tensor(x)
+    ok = t.dtype == torch.bool if dtype == torch.bool else is_integer_tensor(t)
+    if t.numel() and not ok:
+        kind = "a bool" if dtype == torch.bool else "an integer"
+        raise ValueError(f"ProbeSet: {name} must be {kind} tensor, got {t.dtype}; build probes with "
+                         "ProbeSet.from_texts / from_pairs, or pass tensors of that dtype.")
+    return t.to(dtype)
 
 
 def _non_empty(items: Iterable, name: str) -> list:
+    if isinstance(items, (str, bytes)):  # a str is iterable: each character would become an item
+        raise ValueError(f"{name} is a single str, which would be read one character at a time; pass a list of "
+                         f"{name} (e.g. [x] for a single one).")
     items = list(items)
     if not items:
         raise ValueError(f"{name} is empty; a probe needs at least one item.")

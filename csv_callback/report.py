@@ -39,7 +39,8 @@ def write_report(
             fit_report of ``csv-callback fit`` also carries each checkpoint's name and weighted loss).
         probe: the vector's probe, for the salience text (skipped without it).
         table: losses of more checkpoints (e.g. a whole run), drawn on the link curve as predictions.
-        tokenizer: decodes probe tokens; without it tokens are shown as ids.
+        tokenizer: decodes probe tokens; without it tokens are shown as ids. It must be the probe's tokenizer
+            (:class:`ProbeMismatchError` otherwise): another one would show other text than was measured.
         top: how many probe sequences to show, most salient first.
     """
     import matplotlib
@@ -48,6 +49,8 @@ def write_report(
 
     if probe is not None:
         sv.check_probe(probe)
+        if tokenizer is not None:
+            probe.check_tokenizer(tokenizer)
     if not isinstance(top, int) or top < 1:
         raise ValueError(f"top must be a positive int, got {top!r}.")
     out = Path(out_dir)

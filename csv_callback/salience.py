@@ -16,10 +16,12 @@ import numpy as np
 import torch
 from scipy.special import expit
 
-from ._checks import as_float_array
-from .probe import ProbeMismatchError, ProbeSet, atomic_save, read_safetensors
+from ._checks import as_float_array, as_float_tuple, require_str
+from .probe import ProbeMismatchError, ProbeSet, atomic_save, malformed_file, read_safetensors
 
 FORMAT = "csv_callback.salience/1"
+_META_KEYS = ("link", "task", "metric", "probe_fingerprint", "tokenizer_hash", "loss_range", "fit_report")
+_LINK_KEYS = ("lo", "hi", "k", "L0")
 
 
 @dataclass(frozen=True)
@@ -69,13 +71,31 @@ class SalienceVector:
     fit_report: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        w = as_float_array(self.weights, "weights", 1)
+        w = as_float_array(self.weights, "weights", 1, fix="re-fit the vector")
         if (w < 0).any():
             raise ValueError(f"salience weights must be non-negative; {int((w < 0).sum())} are negative.")
         if abs(w.sum() - 1.0) > 1e-6:
             raise ValueError(f"salience weights must sum to 1, they sum to {w.sum():.9g}.")
+        if not isinstance(self.link, SigmoidLink):
+            raise ValueError(
+                f"link must be a SigmoidLink, got {type(self.link).__name__}; build one with "
+                "SigmoidLink(lo, hi, k, L0) or fit_link(loss, scores)."
+            )
+        lo, hi = as_float_tuple(self.loss_range, "loss_range", 2, "a (min, max) pair of weighted losses")
+        # NaN compares False both ways, so such a range would never flag extrapolation; a reversed one always would.
+        if math.isnan(lo) or math.isnan(hi) or lo > hi:
+            raise ValueError(
+                f"loss_range must be (min, max) with min <= max and no NaN, got {self.loss_range!r}; pass the "
+                "range of weighted losses seen in fitting, or (-inf, inf) when it is unknown."
+            )
+        for name in ("task", "metric"):
+            require_str(getattr(self, name), name)
+        for name in ("probe_fingerprint", "tokenizer_hash"):
+            require_str(getattr(self, name), name, allow_empty=True)
+        if not isinstance(self.fit_report, dict):
+            raise ValueError(f"fit_report must be a dict, got {type(self.fit_report).__name__}.")
         self.weights = w
-        self.loss_range = (float(self.loss_range[0]), float(self.loss_range[1]))
+        self.loss_range = (lo, hi)
 
     @property
     def n_tokens(self) -> int:
@@ -116,10 +136,13 @@ class SalienceVector:
         return float(score) if np.ndim(score) == 0 else score
 
     def extrapolates(self, weighted_loss: float | np.ndarray) -> bool | np.ndarray:
-        """True where a weighted loss lies outside the range seen in fitting."""
+        """True where a weighted loss (a float or an array of any shape) lies outside the range seen in fitting.
+
+        A NaN or infinite weighted loss counts as extrapolating: no prediction made from it can be trusted.
+        """
         lo, hi = self.loss_range
-        wl = np.asarray(weighted_loss)
-        out = (wl < lo) | (wl > hi)
+        wl = np.asarray(weighted_loss, dtype=np.float64)
+        out = ~((wl >= lo) & (wl <= hi) & np.isfinite(wl))
         return bool(out) if out.ndim == 0 else out
 
     # ------------------------------------------------------------------ files
@@ -138,18 +161,35 @@ class SalienceVector:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "SalienceVector":
-        """Read a vector written by :meth:`save`; ValueError if the file is missing, corrupt or not a vector."""
+        """Read a vector written by :meth:`save`.
+
+        Raises FileNotFoundError for a missing file and ValueError naming the file for anything else: not a
+        safetensors file, another format, or a vector whose metadata or weights are malformed.
+        """
         tensors, raw = read_safetensors(path, FORMAT, ("weights",))
-        try:
+        with malformed_file(path, "salience vector", "re-fit or re-save it"):
+            if "json" not in raw:
+                raise ValueError("its metadata has no 'json' entry")
             meta = json.loads(raw["json"])
-            link = SigmoidLink(**meta.pop("link"))
-            meta["loss_range"] = tuple(meta["loss_range"])
-        except (KeyError, TypeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path}: the salience metadata is missing or malformed ({e}).") from e
-        return cls(weights=tensors["weights"].numpy(), link=link, **meta)
+            _require_keys(meta, _META_KEYS, "its metadata")
+            _require_keys(meta["link"], _LINK_KEYS, "its link")
+            weights = tensors["weights"]
+            if weights.dtype != torch.float64:  # save() writes float64; anything else was written by another tool
+                raise ValueError(f"the weights are {weights.dtype}, not torch.float64")
+            return cls(weights=weights.numpy(), **{**meta, "link": SigmoidLink(**meta["link"])})
 
     def __repr__(self) -> str:
         return (
             f"SalienceVector(task={self.task!r}, metric={self.metric!r}, n_tokens={self.n_tokens}, "
             f"probe={self.probe_fingerprint!r}, link={self.link})"
         )
+
+
+def _require_keys(obj: Any, keys: tuple[str, ...], what: str) -> None:
+    """Raise ValueError unless ``obj`` is a dict with exactly ``keys``."""
+    if not isinstance(obj, dict):
+        raise ValueError(f"{what} is a JSON {type(obj).__name__}, not an object with keys {list(keys)}")
+    missing, unknown = [k for k in keys if k not in obj], sorted(set(obj) - set(keys))
+    if missing or unknown:
+        found = [f"{label} keys {ks}" for label, ks in (("missing", missing), ("unknown", unknown)) if ks]
+        raise ValueError(f"{what} has {' and '.join(found)}; expected exactly {list(keys)}")

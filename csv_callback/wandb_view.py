@@ -62,9 +62,12 @@ def salience_html(vector: SalienceVector, probe: ProbeSet, tokenizer: Any = None
 
     Each scored token's background is red in proportion to its weight (the largest weight is full red) and
     its tooltip shows the weight; unscored context tokens are grey. Tokens are decoded one by one with
-    ``tokenizer``, or shown as ids without one.
+    ``tokenizer`` (the probe's own: another raises :class:`~csv_callback.ProbeMismatchError`), or shown as ids
+    without one.
     """
     vector.check_probe(probe)
+    if tokenizer is not None:
+        probe.check_tokenizer(tokenizer)
     w = vector.weights
     so = probe.score_offsets.numpy()
     cum = np.concatenate([[0.0], np.cumsum(w)])

@@ -238,7 +238,7 @@ def test_anchor_pins_the_top_of_the_link_when_no_checkpoint_comes_near_it(ladder
 
 @pytest.mark.parametrize("anchor, match", [((0.0, 1.5), "in \\[0, 1\\]"), ((float("nan"), 1.0), "finite"),
                                            ((-1.0, 1.0), "loss >= 0"), ("top", "pair of numbers"),
-                                           ((0.0, 1.0, 2.0), "pair of numbers")])
+                                           ((0.0, 1.0, 2.0), "pair of numbers"), ("01", "pair of numbers")])
 def test_bad_anchor(ladder, anchor, match):
     with pytest.raises(ValueError, match=match):
         fit_salience(ladder.losses, ladder.scores, groups=ladder.groups, anchor=anchor)
@@ -251,3 +251,62 @@ def test_bad_anchor(ladder, anchor, match):
 def test_bad_priors(ladder, priors, match):
     with pytest.raises(ValueError, match=match):
         fit_salience(ladder.losses, ladder.scores, groups=ladder.groups, priors=priors)
+
+
+TWELVE_GROUPS = [f"g{i % 12}" for i in range(48)]  # > 10 groups: n_folds folds of groups
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"n_folds": -3}, "n_folds must be an int >= 2, got -3"),
+        ({"n_folds": 0}, "n_folds must be an int >= 2"),
+        ({"n_folds": 1}, "n_folds must be an int >= 2"),
+        ({"n_folds": 2.5}, "n_folds must be an int >= 2, got 2.5"),
+        ({"n_folds": True}, "n_folds must be an int >= 2"),
+        ({"n_folds": 49}, "n_folds=49 is more than the 48 checkpoints to split into folds; pass n_folds <= 48"),
+        ({"n_folds": 0, "groups": TWELVE_GROUPS}, "n_folds must be an int >= 2"),
+        ({"n_folds": 13, "groups": TWELVE_GROUPS}, "n_folds=13 is more than the 12 groups"),
+        ({"seed": -1}, "seed must be an int >= 0"),
+        ({"seed": 0.5}, "seed must be an int >= 0"),
+        ({"task": 5}, "task must be a non-empty str"),
+        ({"metric": None}, "metric must be a non-empty str"),
+        ({"priors": 5}, "priors must be"),
+        ({"groups": "mix"}, "groups is a single str 'mix'; pass one label per checkpoint"),
+        ({"groups": ["big"] * 47 + ["small"]}, r"holds out 47 of the 48 checkpoints \(group\(s\) \['big'\]\), leaving 1"),
+        ({"probe": "probe.safetensors"}, "probe must be a ProbeSet, got str"),
+    ],
+)
+def test_bad_cross_validation_parameters(ladder, kwargs, match):
+    """Bad folds, seeds and names fail before the fit, instead of folds from uninitialised memory or a crash."""
+    assert len(ladder.scores) == 48
+    with pytest.raises(ValueError, match=match):
+        fit_salience(ladder.losses, ladder.scores, **kwargs)
+
+
+def test_default_folds_fit_few_checkpoints_one_per_fold(ladder):
+    sv = fit_salience(ladder.losses[:4], ladder.scores[:4])
+    assert sorted(sv.fit_report["folds"]) == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="n_folds=5 is more than the 4 checkpoints"):
+        fit_salience(ladder.losses[:4], ladder.scores[:4], n_folds=5)
+
+
+@pytest.mark.parametrize(
+    "n, scale, kwargs, match",
+    [
+        (None, 100, {}, "pass fractions, not percentages"),
+        (1, 1, {}, "fit_link needs at least 2 \\(loss, score\\) points besides the anchor, got 1"),
+        (1, 1, {"anchor": (0.0, 1.0)}, "at least 2 .* besides the anchor, got 1"),
+        (None, 1, {"start": (float("nan"), 0.0, 1.0, 0.0)}, "start=.* is not a valid link: .*finite"),
+        (None, 1, {"start": (0.0, 1.0, 1.0)}, "start must be a \\(lo, hi, k, L0\\) tuple of 4 numbers"),
+        (None, 1, {"start": (1.0, 0.0, -1.0, 0.0)}, "is not a valid link: .*k > 0"),
+        (None, 1, {"start": (0.2, 1.5, 3.0, 2.0)}, "outside the bounds of metric 'acc': .*; hi=1.5 not in \\[0, 1\\]"),
+        (None, 1, {"start": (0.2, 0.9, 3.0, -1.0)}, "L0=-1 not in \\[0, inf\\]"),
+        (None, 1, {"metric": None}, "metric must be a non-empty str"),
+    ],
+)
+def test_fit_link_bad_input(ladder, n, scale, kwargs, match):
+    """fit_link validates like fit_salience (the same helpers, the same messages)."""
+    loss, scores = ladder.losses.mean(1)[:n], ladder.scores[:n] * scale
+    with pytest.raises(ValueError, match=match):
+        fit_link(loss, scores, **kwargs)

@@ -4,6 +4,7 @@ from torch import nn
 
 import csv_callback.losses as losses_mod
 from csv_callback import ProbeSet, sequence_loglikelihoods, token_losses
+from csv_callback.testing import tiny_gpt2
 
 
 def reference_losses(model, probe: ProbeSet) -> torch.Tensor:
@@ -126,3 +127,64 @@ def test_model_with_bad_output_is_rejected(tokenizer):
         token_losses(Bad(), probe)
     with pytest.raises(ValueError, match="batch_size"):
         token_losses(Bad(), probe, batch_size=0)
+
+
+class TinyVocabLM(nn.Module):
+    """Not an HF model and no embedding to inspect: only its logits show the vocabulary is too small."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(1, 1)
+
+    def forward(self, ids):
+        return torch.zeros(*ids.shape, 10)
+
+
+@pytest.mark.parametrize(
+    "build, match",
+    [
+        (lambda tok: tiny_gpt2(100), r"the probe has token id \d+, but the model's vocabulary has 100 entries"),
+        (lambda tok: tiny_gpt2(len(tok), n_positions=16),
+         r"sequences of up to \d+ tokens, but the model takes at most 16 positions; rebuild the probe with max_length <= 16"),
+        (lambda tok: TinyVocabLM(), r"logits cover a vocabulary of 10, but the probe has token id \d+"),
+    ],
+)
+def test_probe_that_does_not_fit_the_model(tokenizer, corpus, build, match):
+    """Ids beyond the vocabulary or sequences beyond the positions: a clear error, not an IndexError."""
+    probe = ProbeSet.from_texts([corpus[3][:600]], tokenizer, max_length=64)
+    assert int(probe.lengths.max()) > 16 and int(probe.input_ids.max()) >= 100
+    with pytest.raises(ValueError, match=match):
+        token_losses(build(tokenizer), probe)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"sequences": [100]}, r"sequences has index 100, but the probe has 3 sequences; pass indices in \[0, 2\]"),
+        ({"sequences": [-1]}, "sequences has index -1"),
+        ({"sequences": [0.7]}, "integer sequence indices, got torch.float32"),
+        ({"sequences": [True]}, "integer sequence indices, got torch.bool"),
+        ({"sequences": [[0, 1]]}, r"1-D list or tensor .* of shape \(1, 2\)"),
+        ({"sequences": "01"}, "sequences must be integer indices"),
+        ({"model": lambda ids: ids}, r"model must be a torch.nn.Module \(.*\), got function"),
+        ({"probe": "probe.safetensors"}, "probe must be a ProbeSet, got str"),
+    ],
+)
+def test_bad_arguments(model, tokenizer, kwargs, match):
+    probe = ProbeSet.from_texts(["x = 1", "Short one here.", "def f(): pass"], tokenizer, max_length=32)
+    args = {"model": model, "probe": probe, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        token_losses(**args)
+    assert token_losses(model, probe, sequences=[]).shape == (0,)  # an empty shard is no error
+
+
+def test_sequence_loglikelihoods_takes_array_likes(model, tokenizer):
+    probe = ProbeSet.from_pairs([("2 + 2 =", " 4"), ("Lists are", " mutable")], tokenizer, max_length=32)
+    losses = token_losses(model, probe)
+    want = sequence_loglikelihoods(losses, probe)
+    for other in (losses.numpy(), losses.tolist(), losses.numpy().astype("float64")):
+        torch.testing.assert_close(sequence_loglikelihoods(other, probe), want, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="losses must be a tensor or array of numbers"):
+        sequence_loglikelihoods(["a"] * probe.n_tokens, probe)
+    with pytest.raises(ValueError, match="probe must be a ProbeSet"):
+        sequence_loglikelihoods(losses, None)

@@ -1,5 +1,9 @@
+import re
+
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from csv_callback import ProbeMismatchError, ProbeSet
 from csv_callback.testing import train_tokenizer
@@ -104,6 +108,10 @@ def test_tokenizer_mismatch_is_detected(tokenizer, corpus):
         (lambda t: ProbeSet.from_pairs([("a", "b", "c")], t, 64), "tuple or a dict"),
         (lambda t: ProbeSet.from_pairs([("a", "")], t, 64), "encodes to no tokens"),
         (lambda t: ProbeSet.from_pairs([("a", "word " * 40)], t, 8), "does not fit max_length"),
+        (lambda t: ProbeSet.from_texts("one string", t, 64), "texts is a single str.*pass a list of texts"),
+        (lambda t: ProbeSet.from_pairs("one string", t, 64), "pairs is a single str.*pass a list of pairs"),
+        (lambda t: ProbeSet.concat([ProbeSet.from_texts(["hello world"], t, 64), "p.safetensors"]),
+         "joins ProbeSets only: probes\\[1\\] is str"),
     ],
 )
 def test_bad_input_raises(tokenizer, build, match):
@@ -136,3 +144,64 @@ def test_corrupt_and_foreign_files(tmp_path, tokenizer):
     save_file(tensors, str(tmp_path / "tampered.safetensors"), metadata=meta)
     with pytest.raises(ValueError, match="corrupt"):
         ProbeSet.load(tmp_path / "tampered.safetensors")
+
+
+def _parts(probe: ProbeSet) -> dict:
+    return {"input_ids": probe.input_ids, "offsets": probe.offsets, "score_mask": probe.score_mask,
+            "answer_mask": probe.answer_mask, "tokenizer_hash": probe.tokenizer_hash, "max_length": probe.max_length}
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (lambda p: {"input_ids": p["input_ids"] * 0 - 1}, "negative token id"),
+        (lambda p: {"input_ids": p["input_ids"].float() + 0.5}, "input_ids must be an integer tensor, got torch.float32"),
+        (lambda p: {"input_ids": p["input_ids"].bool()}, "input_ids must be an integer tensor, got torch.bool"),
+        (lambda p: {"offsets": p["offsets"].double()}, "offsets must be an integer tensor"),
+        (lambda p: {"score_mask": p["score_mask"].long()}, "score_mask must be a bool tensor, got torch.int64"),
+        (lambda p: {"tokenizer_hash": ""}, "tokenizer_hash must be a non-empty str"),
+        (lambda p: {"max_length": 64.5}, "max_length must be an int >= 2, got 64.5"),
+    ],
+)
+def test_constructor_refuses_what_it_would_coerce(tokenizer, change, match):
+    """Token ids index a vocabulary: a float id 0.7 must not become token 0, nor -1 the last token."""
+    parts = _parts(ProbeSet.from_texts(["hello world, again and again"], tokenizer, 64))
+    with pytest.raises(ValueError, match=match):
+        ProbeSet(**{**parts, **change(parts)})
+
+
+@pytest.mark.parametrize(
+    "meta_change, tensor_change, reason",
+    [
+        ({"tokenizer_hash": None}, {}, r"its metadata lacks \['tokenizer_hash'\]"),
+        ({"max_length": None}, {}, r"its metadata lacks \['max_length'\]"),
+        ({"max_length": "abc"}, {}, "its max_length 'abc' is not a whole number"),
+        ({"max_length": "2"}, {}, "more than max_length=2"),
+        ({}, {"offsets": lambda t: t.float()}, "offsets must be an integer tensor"),
+        ({}, {"input_ids": lambda t: t - 1000}, "negative token id"),
+        ({"fingerprint": None}, {}, "does not match the stored tokens; the file is corrupt"),
+    ],
+)
+def test_malformed_probe_file_names_the_file(tmp_path, tokenizer, meta_change, tensor_change, reason):
+    good = tmp_path / "good.safetensors"
+    ProbeSet.from_texts(["hello world again", "and a second text"], tokenizer, 64).save(good)
+    with safe_open(str(good), framework="pt") as f:
+        meta = {k: v for k, v in {**f.metadata(), **meta_change}.items() if v is not None}
+    tensors = load_file(str(good))
+    tensors.update({k: fn(tensors[k]) for k, fn in tensor_change.items()})
+    path = tmp_path / "bad.safetensors"
+    save_file(tensors, str(path), metadata=meta)
+    before = path.read_bytes()
+    with pytest.raises(ValueError, match=f"{re.escape(str(path))} is not a valid csv_callback probe file: .*{reason}.*; rebuild it"):
+        ProbeSet.load(path)
+    assert path.read_bytes() == before
+
+
+def test_save_refuses_a_directory_or_a_missing_parent(tmp_path, tokenizer):
+    probe = ProbeSet.from_texts(["hello world again"], tokenizer, 64)
+    (tmp_path / "d").mkdir()
+    with pytest.raises(IsADirectoryError, match="is a directory; pass a file path"):
+        probe.save(tmp_path / "d")
+    with pytest.raises(FileNotFoundError, match="no such directory; create it first"):
+        probe.save(tmp_path / "missing" / "p.safetensors")
+    assert [p.name for p in tmp_path.iterdir()] == ["d"] and not any((tmp_path / "d").iterdir())

@@ -1,10 +1,15 @@
+import json
 import math
+import re
 
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from csv_callback import ProbeMismatchError, ProbeSet, SalienceVector, SigmoidLink
+from csv_callback.testing import train_tokenizer
 
 
 def make_vector(n=5, fingerprint="abc123") -> SalienceVector:
@@ -85,7 +90,7 @@ def test_bad_losses(losses, match):
     [
         ({"weights": np.array([0.5, 0.6])}, "sum to 1"),
         ({"weights": np.array([1.5, -0.5])}, "non-negative"),
-        ({"weights": np.array([0.5, math.nan])}, "non-finite"),
+        ({"weights": np.array([0.5, math.nan])}, r"non-finite .*; re-fit the vector\.$"),  # advice for weights
         ({"link": "k0"}, "k > 0"),
         ({"link": "hi<lo"}, "hi >= lo"),
     ],
@@ -110,3 +115,95 @@ def test_corrupt_files(tmp_path, tokenizer):
         SalienceVector.load(tmp_path / "probe.safetensors")
     with pytest.raises(ValueError, match="not a 'csv_callback.probe/1' file"):
         ProbeSet.load(tmp_path / "v.safetensors")
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"link": None}, "link must be a SigmoidLink, got NoneType"),
+        ({"link": {"lo": 0.2, "hi": 0.8, "k": 1.0, "L0": 1.0}}, "link must be a SigmoidLink, got dict"),
+        ({"loss_range": (math.nan, math.nan)}, r"loss_range must be \(min, max\) with min <= max and no NaN"),
+        ({"loss_range": (5.0, 1.0)}, r"min <= max"),
+        ({"loss_range": 3.0}, r"loss_range must be a \(min, max\) pair"),
+        ({"loss_range": "15"}, r"loss_range must be a \(min, max\) pair"),
+        ({"task": 5}, "task must be a non-empty str"),
+        ({"metric": ""}, "metric must be a non-empty str"),
+        ({"probe_fingerprint": None}, "probe_fingerprint must be a str"),
+        ({"fit_report": [1]}, "fit_report must be a dict, got list"),
+    ],
+)
+def test_bad_link_range_and_names(kwargs, match):
+    """A vector that could never predict (no link) or never flag extrapolation (NaN range) is refused."""
+    with pytest.raises(ValueError, match=match):
+        SalienceVector(**{**make_vector().__dict__, **kwargs})
+
+
+def test_non_finite_weighted_loss_extrapolates():
+    sv = make_vector()  # loss_range (1.5, 3.5)
+    assert sv.extrapolates(math.nan) is True and sv.extrapolates(math.inf) is True
+    assert sv.extrapolates(np.array([math.nan, 2.0, 9.0, -math.inf])).tolist() == [True, False, True, True]
+    unbounded = SalienceVector(**{**sv.__dict__, "loss_range": (-math.inf, math.inf)})
+    assert unbounded.extrapolates(math.nan) is True and unbounded.extrapolates(1e6) is False
+
+
+def _variant(tmp_path, name, meta_json=None, raw_json=None, weights=None, drop_json=False):
+    """A copy of a valid vector file with its metadata or weights replaced."""
+    good = tmp_path / "good.safetensors"
+    make_vector().save(good)
+    with safe_open(str(good), framework="pt") as f:
+        meta = f.metadata()
+    if drop_json:
+        del meta["json"]
+    elif raw_json is not None:
+        meta["json"] = raw_json
+    elif meta_json is not None:
+        meta["json"] = json.dumps(meta_json(json.loads(meta["json"])))
+    path = tmp_path / name
+    save_file({"weights": load_file(str(good))["weights"] if weights is None else weights}, str(path), metadata=meta)
+    return path
+
+
+@pytest.mark.parametrize(
+    "variant, reason",
+    [
+        ({"raw_json": '"hello"'}, "its metadata is a JSON str, not an object"),
+        ({"raw_json": "[1, 2]"}, "its metadata is a JSON list"),
+        ({"raw_json": "{not json"}, "Expecting property name"),
+        ({"drop_json": True}, "its metadata has no 'json' entry"),
+        ({"meta_json": lambda j: {**j, "color": "red"}}, r"unknown keys \['color'\]"),
+        ({"meta_json": lambda j: {k: v for k, v in j.items() if k != "link"}}, r"missing keys \['link'\]"),
+        ({"meta_json": lambda j: {**j, "link": None}}, "its link is a JSON NoneType"),
+        ({"meta_json": lambda j: {**j, "link": {**j["link"], "k": -1}}}, "k > 0"),
+        ({"meta_json": lambda j: {**j, "loss_range": [math.nan, math.nan]}}, "no NaN"),
+        ({"meta_json": lambda j: {**j, "task": 5}}, "task must be a non-empty str"),
+        ({"weights": torch.full((5,), 0.2).bfloat16()}, "the weights are torch.bfloat16, not torch.float64"),
+        ({"weights": torch.full((5,), math.nan, dtype=torch.float64)}, "non-finite"),
+    ],
+)
+def test_malformed_vector_file_names_the_file(tmp_path, variant, reason):
+    path = _variant(tmp_path, "bad.safetensors", **variant)
+    before = path.read_bytes()
+    pattern = f"{re.escape(str(path))} is not a valid csv_callback salience vector file: .*{reason}.*; re-fit or re-save it"
+    with pytest.raises(ValueError, match=pattern):
+        SalienceVector.load(path)
+    assert path.read_bytes() == before  # loading never rewrites
+
+
+@pytest.fixture(scope="module")
+def other_tokenizer(corpus):
+    return train_tokenizer(corpus[:5], vocab_size=300)
+
+
+def test_display_refuses_another_tokenizer(tmp_path, tokenizer, other_tokenizer):
+    """The report and the W&B view decode the probe's ids: another tokenizer would show other text."""
+    from csv_callback.report import write_report
+    from csv_callback.wandb_view import salience_html
+
+    probe = ProbeSet.from_texts(["def f(x): return x + 1", "Lists are mutable sequences."], tokenizer, 64)
+    sv = SalienceVector(**{**make_vector(n=probe.n_tokens).__dict__, "probe_fingerprint": probe.fingerprint})
+    with pytest.raises(ProbeMismatchError, match="not the one this probe was built with"):
+        salience_html(sv, probe, other_tokenizer)
+    with pytest.raises(ProbeMismatchError, match="not the one this probe was built with"):
+        write_report(sv, tmp_path / "report", probe=probe, tokenizer=other_tokenizer)
+    assert not (tmp_path / "report").exists()  # failed before writing anything
+    assert "most salient tokens" in salience_html(sv, probe, tokenizer)  # its own tokenizer is fine
