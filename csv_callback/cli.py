@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 from collections.abc import Sequence
@@ -23,7 +24,7 @@ import numpy as np
 
 from ._rows import weighted_losses
 from .fit import PRIORS, fit_salience
-from .probe import ProbeSet
+from .probe import ProbeMismatchError, ProbeSet
 from .store import LossStore, LossTable, load_losses
 
 
@@ -90,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "relative to their common parent")
     s.add_argument("--task", required=True, help="task name (as in the lm-eval results)")
     s.add_argument("--out", required=True, help="output vector .safetensors")
+    s.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     src = s.add_mutually_exclusive_group(required=True)
     src.add_argument("--lmeval", nargs="+", metavar="PATH", help="lm-eval results_*.json files or output directories")
     src.add_argument("--scores", metavar="CSV", help="CSV with columns checkpoint,score")
@@ -100,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--groups", metavar="SPEC",
                    help="held-out unit for cross-validation: 're:REGEX' (first capture group, or the match, of the "
                    "checkpoint name) or 'col:NAME' (a column of --scores). Default: random folds over checkpoints")
-    s.add_argument("--folds", type=int, default=5, help="folds when there are many groups or none (default 5)")
+    s.add_argument("--folds", type=int, default=None,
+                   help="folds when there are many groups or none (default 5, or one checkpoint per fold below 5)")
     s.add_argument("--seed", type=int, default=0, help="seed of random folds (default 0)")
     s.add_argument("--priors", nargs="+", choices=PRIORS, default=None,
                    help="what the weights are shrunk towards, chosen by cross-validation: uniform (loss averaging) "
@@ -133,12 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ---------------------------------------------------------------------- probe
 def cmd_probe(args: argparse.Namespace) -> int:
-    from transformers import AutoTokenizer
+    from .collect import load_tokenizer
 
-    out = Path(args.out)
-    if out.exists() and not args.force:
-        raise ValueError(f"{out} exists; pass --force to overwrite it (stores built on the old probe keep their copy).")
-    tok = AutoTokenizer.from_pretrained(args.tokenizer)
+    out = _output_file(args.out, args.force, "stores built on the old probe keep their copy")
+    tok = load_tokenizer(args.tokenizer)
     parts = []
     for path in map(Path, args.inputs):
         kind, items = _read_probe_input(path, args.text_field)
@@ -159,11 +160,15 @@ def _read_probe_input(path: Path, text_field: str) -> tuple[str, list]:
     """``("pairs", [dict])`` or ``("texts", [str])`` from a JSONL or plain-text file."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such probe input file.")
+    try:
+        content = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text ({e}); save it as UTF-8.") from None
     if path.suffix != ".jsonl":
-        texts = [t.strip() for t in re.split(r"\n\s*\n", path.read_text()) if t.strip()]
+        texts = [t.strip() for t in re.split(r"\n\s*\n", content) if t.strip()]
         return "texts", texts
     records = []
-    for i, line in enumerate(path.read_text().splitlines(), start=1):
+    for i, line in enumerate(content.splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -186,14 +191,14 @@ def _read_probe_input(path: Path, text_field: str) -> tuple[str, list]:
 def cmd_collect(args: argparse.Namespace) -> int:
     import torch
 
-    from .collect import check_tokenizers, collect, import_class, resolve_checkpoints
+    from .collect import check_loadable, check_tokenizers, collect, import_class, resolve_checkpoints, resolve_device
 
     # Everything that can fail is checked before the store directory is created or a model is run.
+    out = _output_dir(args.out)
     checkpoints = resolve_checkpoints(args.checkpoints, name_parts=args.name_parts)
     module_class = import_class(args.module) if args.module else None
     if module_class is None and any(ck.kind == "lightning" for ck in checkpoints):
         raise ValueError("Lightning .ckpt files need their LightningModule class: pass --module package.module:ClassName.")
-    out = Path(args.out)
     if args.probe:
         probe = ProbeSet.load(args.probe)
     elif (out / "probe.safetensors").is_file():
@@ -201,12 +206,10 @@ def cmd_collect(args: argparse.Namespace) -> int:
     else:
         raise ValueError(f"{out} holds no probe yet; pass --probe probe.safetensors.")
     check_tokenizers(checkpoints, probe)
+    check_loadable(checkpoints, trust_checkpoints=args.trust_checkpoints)
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}.")
-    try:
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else torch.device(args.device)
-    except RuntimeError as e:
-        raise ValueError(f"--device {args.device!r} is not a torch device ({e}); use e.g. cpu, cuda, cuda:1.") from None
+    device = resolve_device(args.device)
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     store = LossStore(out, probe)
     skipped = sum(ck.name in store for ck in checkpoints)
@@ -221,6 +224,12 @@ def cmd_collect(args: argparse.Namespace) -> int:
 def cmd_fit(args: argparse.Namespace) -> int:
     from .lmeval import read_mapping, scores_from_csv, scores_from_lmeval
 
+    for root in map(Path, args.losses):  # even --force must not turn a store's own file into a vector
+        target = Path(args.out).resolve()
+        if target == (root / "probe.safetensors").resolve() or (root / "losses").resolve() in target.parents:
+            raise ValueError(f"--out {args.out} is a file of the loss store {root}, which a vector would break; write "
+                             f"it elsewhere, e.g. {root / (args.task + '.safetensors')}.")
+    out = _output_file(args.out, args.force)
     stores = [LossStore(root) for root in args.losses]
     for store in stores:
         if store.fingerprint is None:
@@ -253,9 +262,9 @@ def cmd_fit(args: argparse.Namespace) -> int:
     sv.fit_report.update(checkpoints=names, groups=None if groups is None else list(groups),
                          weighted_loss=weighted_losses(sv, X).tolist(),
                          score_sources=[by_name[n].source for n in names])
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    sv.save(args.out)
-    print(f"{args.out}: {args.task} {args.metric} from {len(names)} checkpoints, probe {probe.fingerprint}, "
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sv.save(out)
+    print(f"{out}: {args.task} {args.metric} from {len(names)} checkpoints, probe {probe.fingerprint}, "
           f"prior {sv.fit_report['prior']}, lambda {sv.fit_report['lam']:.3g}, "
           f"{sv.fit_report['effective_tokens']:.0f} effective tokens of {sv.n_tokens}")
     print(format_cv_table(sv.fit_report))
@@ -351,6 +360,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from .report import write_report
     from .salience import SalienceVector
 
+    out = _output_dir(args.out)
     sv = SalienceVector.load(args.vector)
     probe = None
     if args.probe:
@@ -360,12 +370,50 @@ def cmd_report(args: argparse.Namespace) -> int:
     table = load_losses(args.losses, sv.probe_fingerprint or None) if args.losses else None
     tokenizer = None
     if args.tokenizer:
-        from transformers import AutoTokenizer
+        from .collect import load_tokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-    index = write_report(sv, args.out, probe=probe, table=table, tokenizer=tokenizer, top=args.top)
+        if probe is None:
+            raise ValueError("--tokenizer decodes the probe's tokens, but there is no probe: pass --losses or --probe too.")
+        tokenizer = load_tokenizer(args.tokenizer)
+        try:
+            probe.check_tokenizer(tokenizer)  # another vocabulary would show the salience on the wrong words
+        except ProbeMismatchError as e:
+            raise ProbeMismatchError(f"--tokenizer {args.tokenizer}: {e}") from None
+    index = write_report(sv, out, probe=probe, table=table, tokenizer=tokenizer, top=args.top)
     print(f"{index}")
     return 0
+
+
+# ---------------------------------------------------------------------- output paths
+def _output_file(path: str, force: bool, kept: str = "") -> Path:
+    """``--out`` as a file to write, refused (before any work) if it is a directory, cannot be created, or exists
+    and ``force`` is False. ``kept`` says what survives an overwrite."""
+    out = Path(path)
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a directory; give a file path, e.g. {out / 'out.safetensors'}.")
+    if out.exists() and not force:
+        raise ValueError(f"{out} exists; pass --force to overwrite it{f' ({kept})' if kept else ''}.")
+    _check_creatable(out, out.parent)
+    return out
+
+
+def _output_dir(path: str) -> Path:
+    """``--out`` as a directory to write into (created if missing), refused if it is a file or cannot be created."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a directory (it is created if missing).")
+    _check_creatable(out, out)
+    return out
+
+
+def _check_creatable(out: Path, directory: Path) -> None:
+    """Raise unless ``directory`` (that ``out`` is written into) is, or can be created as, a writable directory."""
+    here = directory.absolute()
+    existing = next(p for p in (here, *here.parents) if p.exists())
+    if not existing.is_dir():
+        raise ValueError(f"--out {out}: {existing} is a file, so nothing can be created below it; choose another path.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: cannot write to {existing} (permission denied); choose another path.")
 
 
 if __name__ == "__main__":

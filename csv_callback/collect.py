@@ -20,18 +20,30 @@ import os
 import pickle
 import re
 import weakref
-from collections.abc import Sequence
+import zipfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from .losses import token_losses
 from .probe import ProbeMismatchError, ProbeSet
-from .store import LossStore
+from .store import LossStore, file_name
 
 _STEP = re.compile(r"(?:step|checkpoint|ckpt|iter)[-_=]?(\d+)", re.IGNORECASE)
+# torch's weights-only unpickler says what it refused in one of these phrases (torch/_weights_only_unpickler.py);
+# any other unpickling failure means the bytes themselves are bad, which --trust-checkpoints would not fix.
+# A refused GLOBAL whose name is no dotted identifier is garbage bytes read as a name: corruption, not an object.
+_REFUSED_OBJECT = re.compile(r"GLOBAL ([A-Za-z_][\w.]*) was not an allowed global|module \S+ is blocked|"
+                             r"Can only create new object|Trying to call reduce|must be imported to load")
+# What reading a truncated or corrupt checkpoint raises, from zip, torch, safetensors or transformers.
+_UNREADABLE = (OSError, EOFError, RuntimeError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile, SafetensorError)
+_LIGHTNING_KEYS = ("pytorch-lightning_version", "state_dict")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 
 
@@ -53,15 +65,15 @@ def resolve_checkpoints(paths: Sequence[str | os.PathLike], name_parts: int = 1)
     """Validate checkpoint paths and name each by its last ``name_parts`` path components.
 
     Raises CheckpointError for a missing path, a directory without ``config.json``, a file that is not
-    ``.ckpt``, the same checkpoint given twice, or two checkpoints with the same name.
+    ``.ckpt``, the same checkpoint given twice, or two checkpoints with the same name or store file name.
     """
     if not paths:
         raise CheckpointError("no checkpoints given.")
     if not isinstance(name_parts, int) or name_parts < 1:
         raise CheckpointError(f"name_parts must be a positive int, got {name_parts!r}.")
     out: list[Checkpoint] = []
-    by_path: dict[Path, str] = {}
-    by_name: dict[str, Path] = {}
+    seen: set[Path] = set()
+    by_file: dict[str, Checkpoint] = {}
     for raw in paths:
         path = Path(raw).expanduser().resolve()
         if not path.exists():
@@ -76,30 +88,70 @@ def resolve_checkpoints(paths: Sequence[str | os.PathLike], name_parts: int = 1)
             kind, stem = "lightning", path.with_suffix("")
         else:
             raise CheckpointError(f"{raw}: expected a Hugging Face model directory or a Lightning .ckpt file.")
-        if path in by_path:
+        if path in seen:
             raise CheckpointError(f"{raw}: the same checkpoint is given twice; list each checkpoint once.")
         name = "/".join(stem.parts[-name_parts:])
-        if name in by_name:
+        # Two names can differ and still share a store file ("mix a" and "mix_a"): the later would overwrite it.
+        other = by_file.get(file_name(name))
+        if other is not None and other.name == name:
             raise CheckpointError(
-                f"{raw} and {by_name[name]} would both be named {name!r}; pass --name-parts "
+                f"{raw} and {other.path} would both be named {name!r}; pass --name-parts "
                 f"{name_parts + 1} to name checkpoints by more of their path."
             )
-        by_path[path], by_name[name] = name, path
-        out.append(Checkpoint(name=name, path=path, kind=kind, step=_step_of(path, kind)))
+        if other is not None:
+            raise CheckpointError(
+                f"{raw} and {other.path} would be named {name!r} and {other.name!r}, which a loss store keeps in the "
+                f"same file {file_name(name)!r} (it keeps only letters, digits and '._=-'); rename one of them."
+            )
+        seen.add(path)
+        ck = Checkpoint(name=name, path=path, kind=kind, step=_step_of(path, kind))
+        by_file[file_name(name)] = ck
+        out.append(ck)
     return out
 
 
 def check_tokenizers(checkpoints: Sequence[Checkpoint], probe: ProbeSet) -> None:
     """Raise ProbeMismatchError if a checkpoint saved with a tokenizer has not the probe's vocabulary."""
-    from transformers import AutoTokenizer
-
     for ck in checkpoints:
         if ck.kind == "hf" and any((ck.path / f).is_file() for f in _TOKENIZER_FILES):
-            tok = AutoTokenizer.from_pretrained(str(ck.path))
+            tok = load_tokenizer(ck.path)
             try:
                 probe.check_tokenizer(tok)
             except ProbeMismatchError as e:
                 raise ProbeMismatchError(f"checkpoint {ck.name} ({ck.path}): {e}") from None
+
+
+def load_tokenizer(path: str | os.PathLike) -> Any:
+    """``AutoTokenizer.from_pretrained`` of a local directory; ValueError naming it if it is missing or broken.
+
+    Only local directories: a name that is not one is not looked up on the Hugging Face Hub, because the probe,
+    the store and every vector record the exact vocabulary, which a Hub repository may change under the same name
+    (and an offline machine would wait a minute in retries before failing).
+    """
+    from transformers import AutoTokenizer
+
+    if not Path(path).is_dir():
+        raise FileNotFoundError(f"{path}: no such tokenizer directory; pass a directory written by "
+                                "tokenizer.save_pretrained(). For a Hub tokenizer, save it once: "
+                                f"AutoTokenizer.from_pretrained({str(path)!r}).save_pretrained('my_tokenizer').")
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except Exception as e:  # OSError, ValueError, KeyError or the Rust parser's bare Exception, by what is bad
+        raise ValueError(f"{path}: cannot load a tokenizer from this directory ({_describe(e)}); write it again "
+                         "with tokenizer.save_pretrained().") from e
+
+
+def resolve_device(spec: str) -> torch.device:
+    """``"auto"`` (cuda when available, else cpu) or a torch device string, checked to be usable on this machine."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+        torch.empty(0, device=device)  # initialises the device: fails now, not after the store is created
+    except (RuntimeError, AssertionError) as e:  # a bad name, or torch built without / not finding that backend
+        raise ValueError(f"device {spec!r} cannot be used on this machine ({_describe(e)}); use cpu, or auto to take "
+                         "a GPU when there is one.") from None
+    return device
 
 
 def import_class(spec: str) -> type:
@@ -113,6 +165,33 @@ def import_class(spec: str) -> type:
         raise CheckpointError(f"cannot import {spec!r}: {e}.") from e
 
 
+def check_loadable(checkpoints: Sequence[Checkpoint], trust_checkpoints: bool = False) -> None:
+    """Raise CheckpointError for a checkpoint that cannot be loaded, reading headers but no weights.
+
+    Catches before any model runs or a store is created what would otherwise stop ``collect`` part-way: a bad
+    config.json, missing or truncated weight files, a corrupt ``.ckpt``, one that holds objects weights-only
+    loading refuses, or a ``.ckpt`` that is not a Lightning checkpoint.
+    """
+    from safetensors import safe_open
+    from transformers import AutoConfig
+
+    for ck in checkpoints:
+        with _loading(ck, trust_checkpoints):
+            if ck.kind == "hf":
+                AutoConfig.from_pretrained(str(ck.path))
+                for f in _hf_weight_files(ck.path):
+                    if f.suffix == ".safetensors":
+                        with safe_open(str(f), framework="pt"):
+                            pass  # opening checks the header and that the file is as long as it says
+                    else:
+                        _torch_load(f, weights_only=True)
+            else:
+                ckpt = _torch_load(ck.path, weights_only=not trust_checkpoints)
+                missing = [k for k in _LIGHTNING_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
+                if missing:
+                    raise KeyError(missing[0])
+
+
 def load_model(
     ck: Checkpoint,
     device: torch.device,
@@ -120,23 +199,75 @@ def load_model(
     module_class: type | None = None,
     trust_checkpoints: bool = False,
 ) -> nn.Module:
-    """The checkpoint's model on ``device`` in ``dtype``, in eval mode."""
-    if ck.kind == "hf":
-        from transformers import AutoModelForCausalLM
+    """The checkpoint's model on ``device`` in ``dtype``, in eval mode; CheckpointError if it cannot be loaded."""
+    if ck.kind == "lightning" and module_class is None:
+        raise CheckpointError(f"{ck.path} is a Lightning checkpoint; name its LightningModule with --module pkg.mod:Class.")
+    with _loading(ck, trust_checkpoints):
+        if ck.kind == "hf":
+            from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(str(ck.path), dtype=dtype)
-    else:
-        if module_class is None:
-            raise CheckpointError(f"{ck.path} is a Lightning checkpoint; name its LightningModule with --module pkg.mod:Class.")
-        try:
+            model = AutoModelForCausalLM.from_pretrained(str(ck.path), dtype=dtype)
+        else:
             model = module_class.load_from_checkpoint(str(ck.path), map_location="cpu", weights_only=not trust_checkpoints)
-        except pickle.UnpicklingError as e:
-            raise CheckpointError(
-                f"{ck.path} holds objects other than tensors and plain values, which weights_only loading refuses "
-                f"({str(e).splitlines()[0]}). If you wrote this file yourself, re-run with --trust-checkpoints."
-            ) from None
-        model = model.to(dtype=dtype)
+            model = model.to(dtype=dtype)
     return model.to(device).eval()
+
+
+@contextmanager
+def _loading(ck: Checkpoint, trust_checkpoints: bool) -> Iterator[None]:
+    """Turn the many ways reading a checkpoint fails into one CheckpointError naming it and the fix."""
+    save = "model.save_pretrained()" if ck.kind == "hf" else "Trainer.save_checkpoint()"
+    try:
+        yield
+    except KeyError as e:
+        raise CheckpointError(f"{ck.path} is not a {'Lightning' if ck.kind == 'lightning' else 'complete'} checkpoint: "
+                              f"it has no {e.args[0]!r} entry; save it with {save}.") from None
+    except (TypeError, *_UNREADABLE) as e:
+        refused = isinstance(e, pickle.UnpicklingError) and _REFUSED_OBJECT.search(str(e))
+        if refused and ck.kind == "lightning" and not trust_checkpoints:  # the only load --trust-checkpoints changes
+            raise CheckpointError(
+                f"{ck.path} holds objects other than tensors and plain values ({refused.group(1) or refused.group(0)}), "
+                "which weights_only loading refuses. If you wrote this file yourself, re-run with --trust-checkpoints."
+            ) from None
+        # The checkpoint was read, but the --module class cannot take its hyperparameters (TypeError from
+        # __init__) or its weights (load_state_dict).
+        if ck.kind == "lightning" and (isinstance(e, TypeError) or "state_dict" in str(e)):
+            raise CheckpointError(f"{ck.path} does not fit the --module class ({_describe(e)}); pass the "
+                                  "LightningModule it was trained with.") from None
+        if isinstance(e, TypeError):
+            raise  # any other TypeError is a bug, not a bad file
+        raise CheckpointError(f"{ck.path} cannot be loaded ({_describe(e)}); it is incomplete, truncated or corrupt: "
+                              f"copy it again or re-save it with {save}.") from None
+
+
+def _hf_weight_files(path: Path) -> list[Path]:
+    """The weight files of an HF model directory (the shards its index names, or the single file)."""
+    from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
+
+    for index in (SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_INDEX_NAME):
+        if (path / index).is_file():
+            shards = sorted(set(json.loads((path / index).read_text())["weight_map"].values()))
+            return [path / shard for shard in shards]  # a missing shard fails when it is opened
+    for single in (SAFE_WEIGHTS_NAME, WEIGHTS_NAME):
+        if (path / single).is_file():
+            return [path / single]
+    raise FileNotFoundError(f"no weights ({SAFE_WEIGHTS_NAME} or {WEIGHTS_NAME}) next to config.json; the save did not "
+                            "finish")
+
+
+def _torch_load(path: Path, weights_only: bool) -> Any:
+    """``torch.load`` memory-mapped when the file is a zip archive, so that no tensor data is read."""
+    return torch.load(path, map_location="cpu", weights_only=weights_only, mmap=zipfile.is_zipfile(path))
+
+
+def _describe(e: BaseException) -> str:
+    """``"Type: first line of the message"``, cut to its first sentence when long. torch's weights-only errors
+    put the informative line after a preamble of advice, which is skipped."""
+    text = str(e).split("WeightsUnpickler error:")[-1]
+    line = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+    if len(line) > 160:
+        line = line.split(". ")[0]
+    return f"{type(e).__name__}: {line}" if line else type(e).__name__
 
 
 def collect(
@@ -198,13 +329,18 @@ def _collect_loop(bar, probe, store, device, dtype, batch_size, module_class, tr
 
 
 def _check_stored_paths(checkpoints: Sequence[Checkpoint], store: LossStore) -> None:
-    """A name already in the store must be the same checkpoint, or a resume would silently skip a new one."""
-    from safetensors import safe_open
-
+    """A store file a checkpoint would be written to must hold that same checkpoint or none, or a resume would
+    silently skip a new checkpoint or overwrite another."""
     for ck in checkpoints:
-        if ck.name in store:
-            with safe_open(str(store.path_for(ck.name)), framework="pt") as f:
-                stored = json.loads((f.metadata() or {}).get("extra", "{}")).get("path")
+        held = store.stored(ck.name)
+        if held is not None and held["name"] != ck.name:
+            raise CheckpointError(
+                f"{store.path_for(ck.name)} already holds checkpoint {held['name']!r}, and {ck.name!r} ({ck.path}) "
+                "would be stored in the same file (a store keeps only letters, digits and '._=-' of a name); rename "
+                "the checkpoint or pass another --out."
+            )
+        if held is not None:
+            stored = held["extra"].get("path")
             if stored is not None and stored != str(ck.path):
                 raise CheckpointError(
                     f"{store.root} already holds a checkpoint named {ck.name!r}, collected from {stored}, not {ck.path}; "

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,23 +42,54 @@ metric_list:
     higher_is_better: true
 """
 
+_TASK_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")  # it names two files, so no path separators
+_DOC_KEYS = ("question", "choices", "answer")
+
 
 def write_multiple_choice_task(
     root: str | os.PathLike, task: str, docs: Sequence[Mapping[str, Any]], target_delimiter: str = " "
 ) -> Path:
     """Write ``<root>/<task>.yaml`` + ``<task>.jsonl``: an lm-eval-harness multiple-choice task on local data.
 
-    ``docs``: ``{"question": str, "choices": [str, ...], "answer": index of the right choice}``. lm-eval scores
-    each choice as the continuation ``target_delimiter + choice`` of ``question``. Pass ``root`` to lm-eval as
-    ``--include_path`` (or ``TaskManager(include_path=...)``). Returns the YAML path.
+    ``docs``: ``{"question": str, "choices": [str, ...], "answer": index of the right choice}``, at least one,
+    each with at least two choices. lm-eval scores each choice as the continuation ``target_delimiter + choice``
+    of ``question``. Pass ``root`` to lm-eval as ``--include_path`` (or ``TaskManager(include_path=...)``).
+    Returns the YAML path. Raises ValueError, writing nothing, for a bad task name or document.
     """
+    if not isinstance(task, str) or not _TASK_NAME.fullmatch(task):
+        raise ValueError(f"task name {task!r} must be letters, digits and '_.-' (it names the files <task>.yaml and "
+                         "<task>.jsonl).")
+    docs = list(docs)
+    if not docs:
+        raise ValueError("docs is empty; a multiple-choice task needs at least one document.")
+    for i, doc in enumerate(docs):
+        _check_doc(doc, i)
+    try:
+        lines = "".join(json.dumps(dict(d)) + "\n" for d in docs)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"docs cannot be written as JSON ({e}); keep only str, number, list and dict values.") from e
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     data = root / f"{task}.jsonl"
-    data.write_text("".join(json.dumps(dict(d)) + "\n" for d in docs))
+    data.write_text(lines)
     yaml = root / f"{task}.yaml"
     yaml.write_text(_TASK_YAML.format(task=task, data=data.resolve(), delimiter=json.dumps(target_delimiter)))
     return yaml
+
+
+def _check_doc(doc: Any, i: int) -> None:
+    """Raise ValueError unless ``doc`` is a question with >= 2 string choices and the index of the right one."""
+    if not isinstance(doc, Mapping) or not all(k in doc for k in _DOC_KEYS):
+        have = sorted(doc) if isinstance(doc, Mapping) else type(doc).__name__
+        raise ValueError(f"docs[{i}] must be a mapping with keys {list(_DOC_KEYS)}, got {have}.")
+    choices, answer = doc["choices"], doc["answer"]
+    if not isinstance(doc["question"], str):
+        raise ValueError(f"docs[{i}]['question'] must be a str, got {doc['question']!r}.")
+    if not isinstance(choices, (list, tuple)) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):
+        raise ValueError(f"docs[{i}]['choices'] must be a list of at least 2 strings, got {choices!r}.")
+    if isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer < len(choices):
+        raise ValueError(f"docs[{i}]['answer'] must be the index (0 to {len(choices) - 1}) of the right choice, "
+                         f"got {answer!r}.")
 
 
 # lm-eval's own precedence (GeneralConfigTracker._get_model_name): an adapter names the model before its base.
@@ -78,10 +111,13 @@ class Score:
 
 def recorded_model(doc: Mapping[str, Any]) -> str | None:
     """The model an lm-eval results document was computed for (``model_name``, else from ``model_args``)."""
+    if not isinstance(doc, Mapping):
+        raise ScoresError(f"an lm-eval results document is a JSON object, got {type(doc).__name__}.")
     name = doc.get("model_name")
     if isinstance(name, str) and name:
         return name
-    args = (doc.get("config") or {}).get("model_args")
+    config = doc.get("config")
+    args = config.get("model_args") if isinstance(config, Mapping) else None
     if isinstance(args, str):
         args = dict(kv.split("=", 1) for kv in args.split(",") if "=" in kv)
     if isinstance(args, Mapping):
@@ -95,24 +131,32 @@ def read_score(
     doc: Mapping[str, Any], task: str, metric: str = "acc", filter: str = "none", source: str = "results file"
 ) -> float:
     """``doc["results"][task]["<metric>,<filter>"]`` as a float; ScoresError listing what the file has."""
-    results = doc.get("results")
+    results = doc.get("results") if isinstance(doc, Mapping) else None
     if not isinstance(results, Mapping):
         raise ScoresError(f"{source}: no 'results' section; is this an lm-eval-harness results_*.json file?")
     if task not in results:
         raise ScoresError(f"{source}: no task {task!r}; the file has tasks {sorted(results)}.")
     key = f"{metric},{filter}"
     entry = results[task]
+    if not isinstance(entry, Mapping):
+        raise ScoresError(f"{source}: results[{task!r}] is {entry!r}, not an object of metrics like "
+                          "{'acc,none': 0.5}; is this an lm-eval-harness results file?")
     if key not in entry:
         have = sorted(k for k in entry if "," in k and not k.split(",")[0].endswith("_stderr"))
         raise ScoresError(f"{source}: task {task!r} has no {key!r}; it has {have} (pass --metric / --filter).")
     value = entry[key]
-    if not isinstance(value, (int, float)) or value != value:
-        raise ScoresError(f"{source}: {task} {key} is {value!r}, not a number.")
+    # A bool is an int to Python but no metric value; True would read as a score of 1.0.
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ScoresError(f"{source}: {task} {key} is {value!r}, not a finite number.")
     return float(value)
 
 
-def find_results_files(paths: Iterable[str | os.PathLike]) -> list[tuple[Path, bool]]:
-    """``(file, explicit)`` for each given file and each ``results_*.json`` below each given directory."""
+def find_results_files(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> list[tuple[Path, bool]]:
+    """``(file, explicit)`` for each given file and each ``results_*.json`` below each given directory (one path
+    or several)."""
+    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    if not paths:
+        raise ScoresError("no lm-eval results files or directories given.")
     out = []
     for p in map(Path, paths):
         if p.is_dir():
@@ -150,6 +194,9 @@ def scores_from_lmeval(
     Raises ScoresError for a missing task or metric, a model that matches no checkpoint, or two files
     scoring one checkpoint.
     """
+    if checkpoint_paths is not None and len(checkpoint_paths) != len(checkpoints):
+        raise ValueError(f"checkpoint_paths has {len(checkpoint_paths)} entries for {len(checkpoints)} checkpoints; "
+                         "give one path (or None) per checkpoint.")
     by_path = {}
     for name, p in zip(checkpoints, checkpoint_paths or [None] * len(checkpoints)):
         if p:
@@ -159,7 +206,7 @@ def scores_from_lmeval(
     skipped = []
     for file, explicit in find_results_files(paths):
         doc = _read_json(file)
-        if not explicit and task not in (doc.get("results") or {}):
+        if not explicit and task not in _tasks(doc):
             skipped.append(file)
             continue
         value = read_score(doc, task, metric, filter, str(file))
@@ -172,7 +219,7 @@ def scores_from_lmeval(
             )
         seen[name] = Score(name, value, str(file))
     if not seen:
-        tasks = sorted({t for f in skipped for t in (_read_json(f).get("results") or {})})
+        tasks = sorted({t for f in skipped for t in _tasks(_read_json(f))})
         raise ScoresError(f"no results file has task {task!r}; the files found have tasks {tasks}.")
     return list(seen.values())
 
@@ -189,7 +236,10 @@ def scores_from_csv(path: str | os.PathLike, column: str = "score") -> tuple[lis
         try:
             value = float(row[column])
         except ValueError:
-            raise ScoresError(f"{path}, line {i}: {column}={row[column]!r} is not a number.") from None
+            value = math.nan
+        if not math.isfinite(value):
+            raise ScoresError(f"{path}, line {i}: {column}={row[column]!r} is not a finite number; give a score or "
+                              "leave the checkpoint out.")
         out.append(Score(name, value, f"{path}:{i}"))
     return out, rows
 
@@ -210,12 +260,22 @@ def read_csv(path: str | os.PathLike, required: Sequence[str]) -> list[dict[str,
     path = Path(path)
     if not path.is_file():
         raise ScoresError(f"{path}: no such CSV file.")
-    with path.open(newline="") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in required if c not in (reader.fieldnames or [])]
-        if missing:
-            raise ScoresError(f"{path}: missing column(s) {missing}; the header is {reader.fieldnames}.")
-        rows = list(reader)
+    rows = []
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            missing = [c for c in required if c not in (reader.fieldnames or [])]
+            if missing:
+                raise ScoresError(f"{path}: missing column(s) {missing}; the header is {reader.fieldnames}.")
+            for row in reader:
+                # DictReader files surplus fields under the key None and fills missing ones with None.
+                if None in row or None in row.values():
+                    raise ScoresError(f"{path}, line {reader.line_num}: {'more' if None in row else 'fewer'} fields "
+                                      f"than the header {reader.fieldnames}; fix that line (quote a value that holds "
+                                      "a comma).")
+                rows.append(row)
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise ScoresError(f"{path} is not a UTF-8 CSV file ({e}); save it as UTF-8 text.") from None
     if not rows:
         raise ScoresError(f"{path}: no rows after the header.")
     return rows
@@ -229,6 +289,12 @@ def _read_json(path: Path) -> dict[str, Any]:
     if not isinstance(doc, dict):
         raise ScoresError(f"{path}: not an lm-eval results file (top level is not an object).")
     return doc
+
+
+def _tasks(doc: Mapping[str, Any]) -> list[str]:
+    """The task names of a results document; none if its 'results' is missing or malformed."""
+    results = doc.get("results")
+    return list(results) if isinstance(results, Mapping) else []
 
 
 def _norm(path: str) -> str:

@@ -8,8 +8,9 @@ Layout of a store directory (written by ``SalienceCallback(save_dir=...)`` and `
 
 One file per checkpoint, each written to a temporary file and renamed into place, means a crash or a full
 disk can lose at most the checkpoint being written, never one already saved; re-writing a checkpoint (a
-resumed run re-evaluating a step) replaces it instead of duplicating it. :func:`load_losses` reads the
-whole store as an ``[m, n]`` matrix in one call.
+resumed run re-evaluating a step) replaces it instead of duplicating it, but another checkpoint whose name
+maps to the same file name never does. :func:`load_losses` reads the whole store as an ``[m, n]`` matrix in
+one call, checking every file against the store's probe.
 """
 
 from __future__ import annotations
@@ -27,10 +28,11 @@ import torch
 from safetensors import safe_open
 
 from ._checks import as_float_array
-from .probe import ProbeMismatchError, ProbeSet, atomic_save, read_safetensors
+from .probe import ProbeMismatchError, ProbeSet, atomic_save
 
 FORMAT = "csv_callback.losses/1"
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._=-]+")
+_FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}  # safetensors dtype names a loss file may hold (written: F32)
 
 
 @dataclass
@@ -54,12 +56,19 @@ class LossTable:
     extra: list[dict[str, Any]] = field(default_factory=list)
 
 
+def file_name(name: str) -> str:
+    """The file name of checkpoint ``name`` in a store: each run of characters other than letters, digits and
+    ``._=-`` (``/`` included) becomes one ``_``, so ``"runA/step 1"`` and ``"runA_step_1"`` share a file."""
+    return f"{_SAFE_NAME.sub('_', name)}.safetensors"
+
+
 class LossStore:
     """A directory of per-checkpoint loss files for one probe (see the module docstring)."""
 
     def __init__(self, root: str | os.PathLike, probe: ProbeSet | None = None) -> None:
         self.root = Path(root)
         self.fingerprint = probe.fingerprint if probe is not None else None
+        self.n_tokens = probe.n_tokens if probe is not None else None
         probe_file = self.root / "probe.safetensors"
         if probe is not None:
             if probe_file.exists():
@@ -70,16 +79,33 @@ class LossStore:
                         "use a new directory for a new probe."
                     )
             else:
-                (self.root / "losses").mkdir(parents=True, exist_ok=True)
-                probe.save(probe_file)
+                try:
+                    (self.root / "losses").mkdir(parents=True, exist_ok=True)
+                    probe.save(probe_file)
+                except OSError as e:  # root is a file, lies under a file, or is not writable
+                    raise ValueError(
+                        f"cannot create the loss store {self.root} ({e.strerror or e}); choose a directory path that is "
+                        "not a file and that you can write to."
+                    ) from e
         elif probe_file.exists():
-            self.fingerprint = ProbeSet.load(probe_file).fingerprint
+            stored = ProbeSet.load(probe_file)
+            self.fingerprint, self.n_tokens = stored.fingerprint, stored.n_tokens
 
     def path_for(self, name: str) -> Path:
-        return self.root / "losses" / f"{_SAFE_NAME.sub('_', name)}.safetensors"
+        """The file checkpoint ``name`` is stored in (see :func:`file_name`)."""
+        return self.root / "losses" / file_name(name)
+
+    def stored(self, name: str) -> dict[str, Any] | None:
+        """The header (name, step, tokens_seen, fingerprint, extra, n) of the file ``name`` is stored in, or None.
+
+        The header's name can differ from ``name`` when two names map to one :func:`file_name`.
+        """
+        path = self.path_for(name)
+        return _read_header(path) if path.is_file() else None
 
     def __contains__(self, name: str) -> bool:
-        return self.path_for(name).is_file()
+        held = self.stored(name)
+        return held is not None and held["name"] == name
 
     def write(
         self,
@@ -89,18 +115,38 @@ class LossStore:
         tokens_seen: float | None = None,
         extra: dict[str, Any] | None = None,
     ) -> Path:
-        """Store one checkpoint's losses ``[n_tokens]`` atomically, replacing an earlier row of that name."""
+        """Store one checkpoint's finite losses ``[n_tokens]`` (one per scored probe token) atomically, replacing
+        an earlier row of that name.
+
+        Raises ValueError for losses of another length, shape or with NaN/inf, and when the file of ``name``
+        already holds another checkpoint (two names with one :func:`file_name`): nothing is written then.
+        """
         if self.fingerprint is None:
             raise ValueError(f"{self.root} has no probe.safetensors; open the store with LossStore(root, probe).")
         arr = as_float_array(losses, f"losses of {name!r}", 1, dtype=np.float32)
-        meta = {
-            "format": FORMAT,
-            "name": name,
-            "step": str(-1 if step is None else int(step)),
-            "tokens_seen": "nan" if tokens_seen is None else repr(float(tokens_seen)),
-            "fingerprint": self.fingerprint,
-            "extra": json.dumps(extra or {}),
-        }
+        if len(arr) != self.n_tokens:
+            raise ValueError(
+                f"losses of {name!r} have {len(arr)} entries, but the probe of {self.root} scores {self.n_tokens} "
+                "tokens; compute them on that probe (token_losses(model, store.probe()))."
+            )
+        held = self.stored(name)
+        if held is not None and held["name"] != name:
+            raise ValueError(
+                f"{self.path_for(name)} already holds checkpoint {held['name']!r}, and {name!r} would replace it: both "
+                "names give that file name (a store keeps only letters, digits and '._=-'). Rename one of them."
+            )
+        try:
+            meta = {
+                "format": FORMAT,
+                "name": name,
+                "step": str(-1 if step is None else int(step)),
+                "tokens_seen": "nan" if tokens_seen is None else repr(float(tokens_seen)),
+                "fingerprint": self.fingerprint,
+                "extra": json.dumps(extra or {}),
+            }
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"the metadata of {name!r} cannot be stored ({e}); pass an int step, a float tokens_seen "
+                             "and an extra dict of JSON values.") from e
         path = self.path_for(name)
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_save({"losses": torch.from_numpy(arr)}, meta, path)
@@ -140,6 +186,13 @@ def load_losses(
         if len(fps) > 1:
             raise ProbeMismatchError(f"{r} mixes losses of several probes {sorted(fps)}; keep one probe per directory.")
         fp = fps.pop()
+        by_name: dict[str, Path] = {}
+        for f, h in zip(found, store_heads):
+            if h["name"] in by_name:
+                raise ValueError(f"{by_name[h['name']]} and {f} both hold checkpoint {h['name']!r}; one is a stray copy: "
+                                 "delete it.")
+            by_name[h["name"]] = f
+        _check_against_probe(r, fp, found, store_heads)
         if expected is None:
             expected = fp
         elif fp != expected:
@@ -151,12 +204,15 @@ def load_losses(
         order = sorted(range(len(found)), key=lambda i: (store_heads[i]["step"], store_heads[i]["name"]))
         files += [found[i] for i in order]
         heads += [{**store_heads[i], "name": label + store_heads[i]["name"]} for i in order]
-    sizes = {h["n"] for h in heads}
-    if len(sizes) > 1:
-        raise ValueError(f"{', '.join(map(str, roots))}: loss files have different lengths {sorted(sizes)}; some are corrupt.")
-    out = np.empty((len(files), sizes.pop()), dtype=np.float32)
-    for row, f in enumerate(files):
-        out[row] = read_safetensors(f, FORMAT, ("losses",))[0]["losses"].numpy()
+    _require_length(files, heads, heads[0]["n"], str(files[0]))
+    out = np.empty((len(files), heads[0]["n"]), dtype=np.float32)
+    for row, (f, h) in enumerate(zip(files, heads)):
+        with safe_open(str(f), framework="pt") as g:
+            out[row] = g.get_tensor("losses").to(torch.float32).numpy()
+        bad = int((~np.isfinite(out[row])).sum())
+        if bad:
+            raise ValueError(f"{f} (checkpoint {h['name']!r}) holds {bad} NaN or inf loss(es); delete the file and "
+                             "re-collect that checkpoint.")
     return LossTable(
         losses=out,
         names=[h["name"] for h in heads],
@@ -167,20 +223,58 @@ def load_losses(
     )
 
 
+def _check_against_probe(root: Path, fingerprint: str, files: list[Path], heads: list[dict[str, Any]]) -> None:
+    """Raise unless the loss files of store ``root`` belong to, and have the length of, its probe.safetensors
+    (when it has one: a store copied without it is still readable)."""
+    probe_file = root / "probe.safetensors"
+    if not probe_file.is_file():
+        return
+    meta, shape, _ = _tensor_header(probe_file, "answer_mask")
+    if meta.get("fingerprint") != fingerprint:
+        raise ProbeMismatchError(
+            f"{probe_file} is probe {meta.get('fingerprint')}, but the loss files of {root} are of probe {fingerprint}; "
+            "put back the probe they were collected on, or move them to a store of their own."
+        )
+    _require_length(files, heads, shape[0], f"the probe of {root}")  # answer_mask has one entry per scored token
+
+
+def _require_length(files: list[Path], heads: list[dict[str, Any]], n: int, source: str) -> None:
+    """Raise naming the first loss file whose length is not ``n``, the length of ``source``."""
+    for f, h in zip(files, heads):
+        if h["n"] != n:
+            raise ValueError(f"{f} holds {h['n']} losses, but {source} has {n}; the file is corrupt or of another "
+                             "probe: delete it and re-collect that checkpoint.")
+
+
 def _read_header(path: Path) -> dict[str, Any]:
+    """The metadata of a loss file and its number ``n`` of losses, checked to be a non-empty 1-D float vector."""
+    meta, shape, dtype = _tensor_header(path, "losses")
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            n = f.get_slice("losses").get_shape()[0]
         if meta.get("format") != FORMAT:
             raise ValueError(f"format={meta.get('format')!r}")
-        return {
+        head = {
             "name": meta["name"],
             "step": int(meta["step"]),
             "tokens_seen": float(meta["tokens_seen"]),
             "fingerprint": meta["fingerprint"],
             "extra": json.loads(meta["extra"]),
-            "n": int(n),
         }
+        if not isinstance(head["extra"], dict):
+            raise ValueError(f"extra={meta['extra']!r} is not a JSON object")
+    except (KeyError, ValueError) as e:  # json.JSONDecodeError is a ValueError
+        raise ValueError(f"{path} is not a csv-callback loss file ({e}); delete or re-collect it.") from e
+    if len(shape) != 1 or not shape[0] or dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"{path}: 'losses' is a {dtype} tensor of shape {shape}, not a non-empty 1-D float vector; the "
+                         f"file is corrupt or was written by another tool: delete it and re-collect {head['name']!r}.")
+    return {**head, "n": int(shape[0])}
+
+
+def _tensor_header(path: Path, tensor: str) -> tuple[dict[str, str], list[int], str]:
+    """Metadata, and shape and dtype of ``tensor``, of a .safetensors file, without reading any tensor data."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            part = f.get_slice(tensor)
+            return f.metadata() or {}, part.get_shape(), part.get_dtype()
     except Exception as e:  # safetensors raises its own types for truncated headers; all mean the same here
-        raise ValueError(f"{path} is not a readable csv-callback loss file ({e}); delete or re-collect it.") from e
+        raise ValueError(f"{path} is not a readable .safetensors file with a {tensor!r} tensor ({e}); it is truncated "
+                         "or of another format: delete it, or write it again.") from e

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import shutil
 import signal
 import subprocess
 import time
@@ -201,6 +202,91 @@ def test_collect_bad_input_fails_before_writing(work, probe_file, tmp_path, corp
     assert "alien" in err and "not the one this probe was built with" in err
 
 
+def test_collect_refuses_names_that_share_a_store_file(work, probe_file, tmp_path, capsys):
+    """'mix a/step0' and 'mix_a/step0' are two names but one store file: neither may overwrite the other."""
+    _, runs = work
+    a, b = tmp_path / "mix a" / "step0", tmp_path / "mix_a" / "step0"
+    shutil.copytree(runs["runA"][0], a)
+    shutil.copytree(runs["runB"][0], b)
+    out = tmp_path / "store"
+    args = ["--name-parts", "2", "--probe", str(probe_file), "--out", str(out), "--no-progress"]
+    assert main(["collect", str(a), str(b), *args]) == 2
+    assert "in the same file 'mix_a_step0.safetensors'" in capsys.readouterr().err and not out.exists()
+    # Collected one at a time, the second is refused and the first stays as it was.
+    assert main(["collect", str(a), *args]) == 0
+    first = (out / "losses" / "mix_a_step0.safetensors").read_bytes()
+    assert main(["collect", str(b), *args]) == 2
+    assert "already holds checkpoint 'mix a/step0'" in capsys.readouterr().err
+    assert (out / "losses" / "mix_a_step0.safetensors").read_bytes() == first
+    assert load_losses(out).names == ["mix a/step0"]
+
+
+def test_collect_unloadable_checkpoint_is_named_before_the_store_is_created(work, probe_file, tmp_path, capsys):
+    _, runs = work
+    good = runs["runA"][0]
+    out = tmp_path / "store"
+
+    def fails(ckpt: Path, *extra: str) -> str:
+        assert main(["collect", str(ckpt), "--probe", str(probe_file), "--out", str(out), "--no-progress", *extra]) == 2
+        assert not out.exists()
+        err = capsys.readouterr().err
+        assert str(ckpt) in err
+        return err
+
+    def copy(name: str) -> Path:
+        return Path(shutil.copytree(good, tmp_path / name))
+
+    (tmp_path / "no_weights").mkdir()
+    shutil.copy(good / "config.json", tmp_path / "no_weights")
+    assert "no weights (model.safetensors" in fails(tmp_path / "no_weights")
+    weights = copy("truncated") / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    assert "SafetensorError" in fails(weights.parent)
+    (copy("bad_config") / "config.json").write_text("{not json")
+    assert "not a valid JSON file" in fails(tmp_path / "bad_config")
+    (copy("bad_tokenizer") / "tokenizer.json").write_text("{not json")
+    assert "cannot load a tokenizer" in fails(tmp_path / "bad_tokenizer")
+
+    lightning = ["--module", "test_cli:TinyLM"]
+    ckpt = tmp_path / "truncated.ckpt"
+    torch.save({"pytorch-lightning_version": L.__version__, "state_dict": tiny_gpt2(32).state_dict()}, ckpt)
+    ckpt.write_bytes(ckpt.read_bytes()[:2000])
+    assert "incomplete, truncated or corrupt" in fails(ckpt, *lightning)
+    torch.save(tiny_gpt2(32).state_dict(), tmp_path / "bare_state_dict.ckpt")
+    err = fails(tmp_path / "bare_state_dict.ckpt", *lightning)
+    assert "not a Lightning checkpoint: it has no 'pytorch-lightning_version'" in err
+    # Garbage bytes are corrupt, not "objects other than tensors": unpickling them fully is no fix.
+    (tmp_path / "garbage.ckpt").write_bytes(b"garbage not a zip or pickle")
+    err = fails(tmp_path / "garbage.ckpt", *lightning)
+    assert "corrupt" in err and "--trust-checkpoints" not in err
+
+
+def test_bad_paths_tokenizers_and_devices_fail_cleanly_before_writing(work, probe_file, tmp_path, capsys):
+    root, runs = work
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a directory")
+    probe_args = [str(root / "text.txt"), "--tokenizer", str(root / "tok")]
+    collect_args = [str(runs["runA"][0]), "--probe", str(probe_file), "--no-progress"]
+    for args, message in [
+        (["probe", *probe_args, "--out", str(tmp_path)], "is a directory; give a file path"),
+        (["probe", *probe_args, "--out", str(a_file / "p.safetensors")], "is a file, so nothing can be created below"),
+        (["collect", *collect_args, "--out", str(a_file)], "is a file; give a directory"),
+        (["collect", *collect_args, "--out", str(a_file / "store")], "is a file, so nothing can be created below"),
+        (["collect", *collect_args, "--out", str(tmp_path / "store"), "--device", "nodevice"], "device 'nodevice' cannot"),
+        (["report", str(probe_file), "--out", str(a_file)], "is a file; give a directory"),
+    ]:
+        assert main(args) == 2
+        assert message in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["collect", *collect_args, "--out", str(tmp_path / "store"), "--device", "cuda"]) == 2
+        assert "device 'cuda' cannot be used on this machine" in capsys.readouterr().err
+    assert a_file.read_text() == "not a directory" and sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+    # As a user sees it: one line naming the missing tokenizer directory, no traceback, no download attempt.
+    out = run_cli("probe", str(root / "text.txt"), "--tokenizer", "nope_tok", "--out", str(tmp_path / "p"))
+    assert out.returncode == 2 and "nope_tok: no such tokenizer directory" in out.stderr
+    assert "Traceback" not in out.stderr and not (tmp_path / "p").exists()
+
+
 # ---------------------------------------------------------------------- Lightning .ckpt
 class TinyLM(L.LightningModule):
     """A LightningModule around the tiny GPT-2; ``tag`` lets a test put a non-tensor object into the hparams."""
@@ -398,3 +484,49 @@ def test_report_writes_self_contained_html_and_pngs(store, scores_csv, work, tmp
     assert page.count("data:image/png;base64,") == 3 and "<img" in page and "src='http" not in page
     assert page.count("class='seq'") == 5 and " the" in page  # probe text decoded, salience shading present
     assert "rgba(192,57,43," in page and "uniform" in page and "label" in page
+
+
+def test_fit_never_overwrites_a_store_file_and_needs_force_for_others(store, scores_csv, tmp_path, capsys):
+    copy = Path(shutil.copytree(store, tmp_path / "store"))
+    probe_bytes = (copy / "probe.safetensors").read_bytes()
+    fit = ["fit", str(copy), "--task", "arith", "--scores", str(scores_csv), "--out"]
+    for force in ([], ["--force"]):
+        assert main([*fit, str(copy / "probe.safetensors"), *force]) == 2
+        assert "is a file of the loss store" in capsys.readouterr().err
+    assert main([*fit, str(copy / "losses" / "v.safetensors")]) == 2
+    assert (copy / "probe.safetensors").read_bytes() == probe_bytes
+    assert load_losses(copy).names == load_losses(store).names
+    vec = tmp_path / "v.safetensors"
+    vec.write_bytes(b"an earlier vector")
+    assert main([*fit, str(vec)]) == 2
+    assert f"{vec} exists; pass --force" in capsys.readouterr().err and vec.read_bytes() == b"an earlier vector"
+    assert main([*fit, str(vec), "--force"]) == 0
+    assert SalienceVector.load(vec).task == "arith"
+
+
+def test_report_checks_the_tokenizer_against_the_probe(store, scores_csv, corpus, tmp_path, capsys):
+    vec = tmp_path / "v.safetensors"
+    assert main(["fit", str(store), "--task", "arith", "--scores", str(scores_csv), "--out", str(vec)]) == 0
+    capsys.readouterr()
+    train_tokenizer(corpus[:50], vocab_size=300).save_pretrained(tmp_path / "other_tok")
+    out = tmp_path / "report"
+    assert main(["report", str(vec), "--losses", str(store), "--tokenizer", str(tmp_path / "other_tok"),
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"--tokenizer {tmp_path / 'other_tok'}: the tokenizer" in err and "not the one this probe was built with" in err
+    assert main(["report", str(vec), "--tokenizer", str(tmp_path / "other_tok"), "--out", str(out)]) == 2
+    assert "there is no probe: pass --losses or --probe" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_non_utf8_inputs_are_named(work, store, scores_csv, tmp_path, capsys):
+    root, _ = work
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("Caf\u00e9 au lait, probe text in Latin-1.\n".encode("latin-1"))
+    assert main(["probe", str(latin1), "--tokenizer", str(root / "tok"), "--out", str(tmp_path / "p")]) == 2
+    assert f"{latin1} is not UTF-8 text" in capsys.readouterr().err
+    scores = tmp_path / "scores.csv"
+    scores.write_bytes(scores_csv.read_bytes().replace(b"runA/step0,", b"runA/step0\xff,"))
+    assert main(["fit", str(store), "--task", "arith", "--scores", str(scores), "--out", str(tmp_path / "v")]) == 2
+    assert f"{scores} is not a UTF-8 CSV file" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latin1.txt", "scores.csv"]

@@ -5,6 +5,7 @@ Needs the optional extra: ``pip install -e ".[lmeval]"`` (lm-eval with its Huggi
 
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -14,7 +15,14 @@ from offline_helpers import arithmetic_items, one_torch_thread, subprocess_env, 
 
 from csv_callback import SalienceVector
 from csv_callback.cli import main
-from csv_callback.lmeval import ScoresError, read_score, recorded_model, scores_from_lmeval, write_multiple_choice_task
+from csv_callback.lmeval import (
+    ScoresError,
+    read_score,
+    recorded_model,
+    scores_from_csv,
+    scores_from_lmeval,
+    write_multiple_choice_task,
+)
 from csv_callback.store import load_losses
 
 pytest.importorskip("lm_eval")
@@ -140,3 +148,44 @@ def test_bad_results_input_is_named(harness, tmp_path, capsys):
     assert main(["fit", str(root / "store"), "--task", "hellaswag", "--lmeval", str(root / "lm_eval_out"),
                  "--out", str(tmp_path / "v")]) == 2
     assert "no results file has task 'hellaswag'" in capsys.readouterr().err and not (tmp_path / "v").exists()
+
+
+def test_multiple_choice_task_rejects_bad_docs_and_writes_nothing(tmp_path):
+    root = tmp_path / "task"
+    good = {"question": "What is 1 plus 1? Answer:", "choices": [" 2", " 3"], "answer": 0}
+    for task, docs, match in [
+        ("t", [], "docs is empty"),
+        ("t", [{"q": 1}], r"docs\[0\] must be a mapping with keys \['question', 'choices', 'answer'\], got \['q'\]"),
+        ("t", [good, {**good, "answer": 5}], r"docs\[1\]\['answer'\] must be the index \(0 to 1\)"),
+        ("t", [{**good, "answer": True}], r"docs\[0\]\['answer'\] must be the index"),
+        ("t", [{**good, "choices": [" 2"]}], r"docs\[0\]\['choices'\] must be a list of at least 2 strings"),
+        ("a/b", [good], r"task name 'a/b' must be letters"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            write_multiple_choice_task(root, task, docs)
+    assert not root.exists()
+
+
+def test_malformed_results_and_score_files_are_named(tmp_path):
+    # results[task] must map metrics to finite numbers; a bool is no score.
+    with pytest.raises(ScoresError, match=r"results\['t'\] is 0.5, not an object of metrics"):
+        read_score({"results": {"t": 0.5}}, "t")
+    for value in (True, float("inf"), "0.5"):
+        with pytest.raises(ScoresError, match=r"t acc,none is .*, not a finite number"):
+            read_score({"results": {"t": {"acc,none": value}}}, "t")
+    assert recorded_model({"config": "not a mapping"}) is None
+    results = tmp_path / "out" / "results_1.json"
+    results.parent.mkdir()
+    results.write_text(json.dumps({"results": {"t": 0.5}, "model_name": "runA/step0"}))
+    with pytest.raises(ScoresError, match=re.escape(f"{results}: results['t'] is 0.5")):
+        scores_from_lmeval([tmp_path / "out"], "t", ["runA/step0"])
+    # A ragged or non-finite row of a scores CSV is named by file and line.
+    for body, match in [
+        ("runA/step0,0.5,extra\n", "line 2: more fields than the header"),
+        ("runA/step0,0.5\nrunA/step3\n", "line 3: fewer fields than the header"),
+        ("runA/step0,nan\n", r"line 2: score='nan' is not a finite number"),
+    ]:
+        scores = tmp_path / "scores.csv"
+        scores.write_text("checkpoint,score\n" + body)
+        with pytest.raises(ScoresError, match=f"{re.escape(str(scores))}, {match}"):
+            scores_from_csv(scores)
