@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import os
 import time
+import warnings
 from collections.abc import Sequence
 from operator import attrgetter
 from pathlib import Path
@@ -21,7 +22,8 @@ from typing import Any, Callable
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.rank_zero import rank_prefixed_message, rank_zero_warn
 from torch import nn
 
 from .losses import token_losses
@@ -67,6 +69,13 @@ class SalienceCallback(Callback):
 
     Under DDP the probe's sequences are sharded across ranks and the losses gathered, so every rank logs the
     same values and ``EarlyStopping`` decisions agree.
+
+    Faults: what can be checked before training fails at ``setup`` / ``on_fit_start`` with a message saying
+    how to fix it (a wrong tokenizer, a probe longer than the model's context window or with token ids
+    beyond its vocabulary, a model that returns no logits, a ``save_dir`` that is not a writable directory or
+    holds another probe's losses). Inside ``fit`` nothing the callback does stops training: NaN/inf losses,
+    losses that cannot be computed and failed side outputs (``save_dir``, W&B) each warn; the predictions
+    of such a validation are logged as NaN with ``extrapolating`` 1.0, and its losses are not saved.
 
     Example::
 
@@ -144,9 +153,10 @@ class SalienceCallback(Callback):
             for probe in self.probes:
                 probe.check_tokenizer(tokenizer)
         if self.save_dir is not None and trainer.is_global_zero and not self._stores:
-            self._stores = {p.fingerprint: self._open_store(p) for p in self.probes}
+            self._stores = {p.fingerprint: _open_loss_store(self._store_root(p), p, "SalienceCallback", self.save_dir)
+                            for p in self.probes}
         if self.wandb_extras and trainer.is_global_zero:
-            self._guarded("define the W&B metrics", lambda: _wandb().define_metrics(trainer, self._metric_summaries()))
+            _guarded("define the W&B metrics", lambda: _wandb().define_metrics(trainer, self._metric_summaries()))
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._check_model(pl_module)
@@ -170,22 +180,19 @@ class SalienceCallback(Callback):
         return model
 
     def _check_model(self, pl_module: pl.LightningModule) -> None:
-        """One forward over the shortest probe sequence, so a model that cannot score the probe fails now."""
+        """Fail before the first step if the model cannot score every probe (see :func:`_check_scores_probe`)."""
         if self._model_checked:
             return
         model = self._model(pl_module)
+        if self.model_attr is None:
+            where = "the LightningModule"
+            hint = ("if its forward does not return logits, set model_attr to the attribute holding the causal LM "
+                    "(e.g. 'model')")
+        else:
+            where = f"pl_module.{self.model_attr}"
+            hint = f"if {where} is not the causal LM, set model_attr to the attribute that holds it"
         for probe in self.probes:
-            shortest = torch.argmin(probe.lengths).reshape(1)
-            try:
-                token_losses(model, probe, batch_size=1, sequences=shortest)
-            except Exception as e:  # any failure here means the model cannot score this probe at all
-                where = "the LightningModule" if self.model_attr is None else f"pl_module.{self.model_attr}"
-                raise ValueError(
-                    f"SalienceCallback cannot compute the probe's token losses with {where} "
-                    f"({type(e).__name__}: {e}). It must map int64 token ids [B, T] to logits [B, T, V] (or return "
-                    "an output with .logits) over the probe tokenizer's vocabulary; set model_attr to the attribute "
-                    "holding the causal LM (e.g. model_attr='model')."
-                ) from e
+            _check_scores_probe(model, probe, "SalienceCallback", where, hint)
         self._model_checked = True
 
     # ------------------------------------------------------------------ the evaluation
@@ -196,24 +203,21 @@ class SalienceCallback(Callback):
         step = int(trainer.global_step)
         model = self._model(pl_module)
         metrics: dict[str, float] = {}
-        n_bad = 0
+        n_bad = 0.0  # becomes NaN, "unknown", if some probe's losses could not be computed
         for probe in self.probes:
-            losses = self._probe_losses(trainer, model, probe)
-            bad = int((~torch.isfinite(losses)).sum())
+            losses = self._probe_losses(trainer, model, probe, step)
+            mean_loss, bad = _loss_summary(losses)
             n_bad += bad
-            metrics[self._mean_loss_name(probe)] = float(losses.double().mean())
+            metrics[self._mean_loss_name(probe)] = mean_loss
             for vector in self._groups[probe.fingerprint]:
-                metrics.update(self._predict(vector, losses, bad, step))
+                metrics.update(self._predict(vector, losses, step))
+            if losses is None:  # _probe_losses warned; there is nothing to save
+                continue
             if bad:
-                rank_zero_warn(
-                    f"SalienceCallback: {bad} of {probe.n_tokens} probe token losses are NaN/inf at step {step}; "
-                    f"the predictions are logged as NaN and {self.prefix}/nonfinite_losses counts them. Training "
-                    "continues (note that EarlyStopping(check_finite=True) stops on a NaN monitor).",
-                    category=RuntimeWarning,
-                )
+                _warn(_nonfinite_message("SalienceCallback", int(bad), probe, step, f"{self.prefix}/nonfinite_losses"))
             elif probe.fingerprint in self._stores:
                 self._save(trainer, pl_module, probe, losses, step)
-        metrics[f"{self.prefix}/nonfinite_losses"] = float(n_bad)
+        metrics[f"{self.prefix}/nonfinite_losses"] = n_bad
         if self.wandb_extras and trainer.is_global_zero:
             self._log_wandb(trainer, pl_module)
         metrics[f"{self.prefix}/eval_seconds"] = time.perf_counter() - start
@@ -222,48 +226,75 @@ class SalienceCallback(Callback):
             # also keeps every rank's callback_metrics, and so EarlyStopping, in agreement.
             pl_module.log(name, value, on_step=False, on_epoch=True, sync_dist=True, batch_size=1)
 
-    def _predict(self, vector: SalienceVector, losses: torch.Tensor, n_bad: int, step: int) -> dict[str, float]:
-        if n_bad:
-            wl = pred = math.nan
-        else:
-            wl = vector.weighted_loss(losses)
-            pred = float(vector.link(wl))
-        row = {"step": step, "task": vector.task, "pred": pred, "weighted_loss": wl,
-               "extrapolating": bool(vector.extrapolates(wl))}
+    def _predict(self, vector: SalienceVector, losses: torch.Tensor | None, step: int) -> dict[str, float]:
+        pred, wl, extrapolating = _prediction(vector, losses)
+        row = {"step": step, "task": vector.task, "pred": pred, "weighted_loss": wl, "extrapolating": extrapolating}
         # A re-evaluated step (trainer.validate() after fit, a resumed run) replaces its row.
         self.history = [r for r in self.history if (r["step"], r["task"]) != (step, vector.task)] + [row]
         base = f"{self.prefix}/{vector.task}"
-        return {f"{base}/pred": pred, f"{base}/weighted_loss": wl, f"{base}/extrapolating": float(row["extrapolating"])}
+        return {f"{base}/pred": pred, f"{base}/weighted_loss": wl, f"{base}/extrapolating": float(extrapolating)}
 
-    def _probe_losses(self, trainer: pl.Trainer, model: nn.Module, probe: ProbeSet) -> torch.Tensor:
-        """float32 ``[probe.n_tokens]`` on the CPU, identical on every rank."""
-        world = trainer.world_size
-        if world == 1:
-            return token_losses(model, probe, batch_size=self.batch_size)
-        if probe.fingerprint not in self._shards:
+    def _probe_losses(self, trainer: pl.Trainer, model: nn.Module, probe: ProbeSet, step: int) -> torch.Tensor | None:
+        """float32 ``[probe.n_tokens]`` on the CPU, identical on every rank.
+
+        If some rank cannot compute its losses, every rank returns None during ``fit`` (the failing rank
+        warns) and raises outside it (``trainer.validate``), where there is no run to protect.
+        """
+        world, rank = trainer.world_size, trainer.global_rank
+        if world > 1 and probe.fingerprint not in self._shards:
             self._shards[probe.fingerprint] = _shard(probe, world)
-        shards, positions = self._shards[probe.fingerprint]
-        local = token_losses(model, probe, batch_size=self.batch_size, sequences=shards[trainer.global_rank])
+        sequences = self._shards[probe.fingerprint][0][rank] if world > 1 else None
+        error: Exception | None = None
+        try:
+            local = token_losses(model, probe, batch_size=self.batch_size, sequences=sequences)
+        except Exception as e:  # decided on below, once every rank knows whether any rank failed
+            local, error = None, e
+        if world == 1:
+            losses, failed = local, [0] if error is not None else []
+        else:
+            losses, failed = self._gather(trainer, probe, local)
+        if not failed:
+            return losses
+        if trainer.state.fn != TrainerFn.FITTING:
+            if error is not None:
+                raise error
+            raise RuntimeError(f"SalienceCallback: rank(s) {failed} could not compute the token losses of probe "
+                               f"{probe.fingerprint}; their error is in their output.")
+        if error is not None:
+            message = _losses_failed_message("SalienceCallback", probe, step, error)
+            # Not rank_zero_warn: the failing rank is the one that knows the error.
+            warnings.warn(message if world == 1 else rank_prefixed_message(message, rank), RuntimeWarning, stacklevel=2)
+        else:
+            rank_zero_warn(f"SalienceCallback: rank(s) {failed} could not compute the token losses of probe "
+                           f"{probe.fingerprint} at step {step} (see their warning); this evaluation's predictions "
+                           "are skipped on every rank and training continues.", category=RuntimeWarning)
+        return None
+
+    def _gather(
+        self, trainer: pl.Trainer, probe: ProbeSet, local: torch.Tensor | None
+    ) -> tuple[torch.Tensor, list[int]]:
+        """The full loss vector ``[probe.n_tokens]`` from every rank's shard, and the ranks whose shard failed."""
+        positions = self._shards[probe.fingerprint][1]
+        world, rank = trainer.world_size, trainer.global_rank
         width = max(len(p) for p in positions)
-        padded = torch.full((width,), math.nan, dtype=torch.float32)
-        n_local = len(positions[trainer.global_rank])
-        padded[:n_local] = local[:n_local]  # drops the losses of the padding sequence, if any
-        gathered = trainer.strategy.all_gather(padded.to(trainer.strategy.root_device)).reshape(world, width).cpu()
+        # A rank whose losses failed still joins the all_gather (the others would wait for it forever) and
+        # flags its failure in one extra slot, so that every rank skips this evaluation together.
+        padded = torch.full((width + 1,), math.nan, dtype=torch.float32)
+        n_local = len(positions[rank])
+        if local is None:
+            padded[width] = 1.0
+        else:
+            padded[:n_local] = local[:n_local]  # drops the losses of the padding sequence, if any
+            padded[width] = 0.0
+        gathered = trainer.strategy.all_gather(padded.to(trainer.strategy.root_device)).reshape(world, width + 1).cpu()
         out = torch.empty(probe.n_tokens, dtype=torch.float32)
-        for rank, pos in enumerate(positions):
-            out[pos] = gathered[rank, : len(pos)]
-        return out
+        for r, pos in enumerate(positions):
+            out[pos] = gathered[r, : len(pos)]
+        return out, torch.nonzero(gathered[:, width]).flatten().tolist()
 
     # ------------------------------------------------------------------ side outputs (never fatal)
-    def _open_store(self, probe: ProbeSet) -> LossStore:
-        root = self.save_dir if len(self.probes) == 1 else self.save_dir / probe.fingerprint
-        try:
-            return LossStore(root, probe)
-        except OSError as e:
-            raise ValueError(
-                f"SalienceCallback(save_dir={str(self.save_dir)!r}) cannot be used ({e}); pass a writable directory "
-                "or save_dir=None."
-            ) from e
+    def _store_root(self, probe: ProbeSet) -> Path:
+        return self.save_dir if len(self.probes) == 1 else self.save_dir / probe.fingerprint
 
     def _save(self, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: ProbeSet, losses: torch.Tensor, step: int) -> None:
         seen = getattr(pl_module, self.tokens_seen_attr, None) if self.tokens_seen_attr else None
@@ -272,7 +303,7 @@ class SalienceCallback(Callback):
         seen = float(seen) if isinstance(seen, (int, float)) and not isinstance(seen, bool) else None
         extra = {"epoch": int(trainer.current_epoch), "stage": getattr(trainer.state.stage, "value", None)}
         store = self._stores[probe.fingerprint]
-        self._guarded(
+        _guarded(
             f"save the probe losses of step {step} to {store.root}",
             lambda: store.write(f"step-{step:09d}", losses, step=step, tokens_seen=seen, extra=extra),
         )
@@ -281,12 +312,12 @@ class SalienceCallback(Callback):
         view = _wandb()
         if not self.vectors or not view.wandb_runs(trainer):  # nothing predicted: no table, no view
             return
-        self._guarded("log the predictions table to W&B", lambda: view.log_table(trainer, self.history, self.prefix))
+        _guarded("log the predictions table to W&B", lambda: view.log_table(trainer, self.history, self.prefix))
         if not self._view_logged:
             tokenizer = getattr(pl_module, self.tokenizer_attr, None) if self.tokenizer_attr else None
             for probe in self.probes:
                 for vector in self._groups[probe.fingerprint]:
-                    self._guarded(
+                    _guarded(
                         f"log the salience view of {vector.task!r} to W&B",
                         lambda: view.log_salience_view(trainer, vector, probe, tokenizer, self.prefix),
                     )
@@ -304,14 +335,97 @@ class SalienceCallback(Callback):
             out |= {f"{base}/pred": "max", f"{base}/weighted_loss": "min", f"{base}/extrapolating": "max"}
         return out
 
-    @staticmethod
-    def _guarded(what: str, fn: Callable[[], Any]) -> None:
-        """Run a side output; a failure (full disk, logger error) warns instead of killing the training run."""
-        try:
-            fn()
-        except Exception as e:  # hours of training matter more than one lost side output
-            rank_zero_warn(f"SalienceCallback could not {what} ({type(e).__name__}: {e}); training continues.",
-                           category=RuntimeWarning)
+
+# ---------------------------------------------------------------------- shared with hf.SalienceTrainerCallback
+# Both callbacks follow one policy: what can be checked before training raises there, with the fix in the
+# message (no compute is lost yet); inside a training run every fault warns and training goes on.
+def _check_scores_probe(model: nn.Module, probe: ProbeSet, owner: str, where: str, hint: str = "") -> None:
+    """Raise ValueError if ``model`` cannot score ``probe``; called before the first training step.
+
+    Scores two sequences, batch 1: the probe's longest and the one holding its largest token id. Between
+    them they reach every position and every token id an evaluation will feed the model, so the model's
+    context window and vocabulary are checked for the price of two short forwards (``token_losses`` itself
+    compares them with what an HF ``model.config`` declares before any forward, and names the limit), as is
+    a model that returns no logits. Later evaluations can then fail only if the model changes or runs out
+    of memory.
+    """
+    longest = int(probe.lengths.max())
+    top_id = int(probe.input_ids.max())
+    holder = int(torch.searchsorted(probe.offsets, int(torch.argmax(probe.input_ids)), right=True)) - 1
+    sequences = torch.tensor(sorted({int(torch.argmax(probe.lengths)), holder}))
+    try:
+        token_losses(model, probe, batch_size=1, sequences=sequences)
+    except Exception as e:  # any failure here means the model cannot score this probe at all
+        raise ValueError(
+            f"{owner} cannot compute the probe's token losses with {where} ({type(e).__name__}: {e}); tried on the "
+            f"longest sequence of probe {probe.fingerprint} ({longest} tokens) and the one holding its largest token "
+            f"id ({top_id}). The model must map int64 token ids [B, T] to logits [B, T, V] (or return an output with "
+            f".logits) for sequences that long and ids that large: if its context window is shorter than {longest} "
+            "tokens, rebuild the probe with a smaller max_length; if its vocabulary is smaller, build the probe with "
+            "the model's own tokenizer" + (f"; {hint}." if hint else ".")
+        ) from e
+
+
+def _open_loss_store(root: Path, probe: ProbeSet, owner: str, save_dir: PathLike) -> LossStore:
+    """The loss store of ``probe`` at ``root``; raised before training, a bad ``save_dir`` costs no compute."""
+    try:
+        return LossStore(root, probe)
+    except ProbeMismatchError as e:
+        raise ProbeMismatchError(f"{owner}(save_dir={str(save_dir)!r}): {e}") from e
+    except (OSError, ValueError) as e:  # not a directory, not writable, or a corrupt probe file in it
+        raise ValueError(
+            f"{owner}(save_dir={str(save_dir)!r}) cannot be used ({e}); pass a writable directory (a new one for a "
+            "new probe) or save_dir=None."
+        ) from e
+
+
+def _loss_summary(losses: torch.Tensor | None) -> tuple[float, float]:
+    """(mean, count of NaN/inf) of ``losses`` ``[n_tokens]``; both NaN when the losses could not be computed."""
+    if losses is None:
+        return math.nan, math.nan
+    return float(losses.double().mean()), float((~torch.isfinite(losses)).sum())
+
+
+def _prediction(vector: SalienceVector, losses: torch.Tensor | None) -> tuple[float, float, bool]:
+    """(predicted score, weighted loss, extrapolating) of ``vector`` on ``losses`` ``[n_tokens]``.
+
+    Without losses, or with any NaN/inf among them, the score and weighted loss are NaN and ``extrapolating``
+    is True: a missing prediction must not read as a confident one inside the fitted range (NaN compares
+    False with both ends of the range, so this is decided here, not left to ``vector.extrapolates``).
+    """
+    if losses is None or not bool(torch.isfinite(losses).all()):
+        return math.nan, math.nan, True
+    wl = float(vector.weighted_loss(losses))
+    return float(vector.link(wl)), wl, bool(vector.extrapolates(wl))
+
+
+def _losses_failed_message(owner: str, probe: ProbeSet, step: int, error: Exception) -> str:
+    return (
+        f"{owner} could not compute the token losses of probe {probe.fingerprint} at step {step} "
+        f"({type(error).__name__}: {error}); this evaluation's predictions are skipped (logged as NaN with "
+        "extrapolating=1.0, no losses saved) and training continues."
+    )
+
+
+def _nonfinite_message(owner: str, n_bad: int, probe: ProbeSet, step: int, counter: str) -> str:
+    return (
+        f"{owner}: {n_bad} of {probe.n_tokens} probe token losses are NaN/inf at step {step} (has the model "
+        "diverged?); the predictions are logged as NaN with extrapolating=1.0, these losses are not saved, and "
+        f"{counter} counts them. A training run goes on, though early stopping that monitors a prediction may stop it."
+    )
+
+
+def _warn(message: str) -> None:
+    rank_zero_warn(message, category=RuntimeWarning)
+
+
+def _guarded(what: str, fn: Callable[[], Any], owner: str = "SalienceCallback",
+             warn: Callable[[str], None] = _warn) -> None:
+    """Run a side output; a failure (full disk, logger error) warns instead of killing the training run."""
+    try:
+        fn()
+    except Exception as e:  # hours of training matter more than one lost side output
+        warn(f"{owner} could not {what} ({type(e).__name__}: {e}); training continues.")
 
 
 # ---------------------------------------------------------------------- helpers

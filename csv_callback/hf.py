@@ -16,24 +16,41 @@ callback must run first: attach it with ``SalienceTrainerCallback(...).attach(tr
 
 Under DDP every rank computes the whole probe (the model is the same on every rank, so every rank gets the
 same prediction and early-stopping decisions agree); only the main process writes ``save_dir``.
+
+Faults are handled as in the Lightning callback, with its code: what can be checked before training
+(tokenizer, the probe against the model's context window and vocabulary, ``save_dir``) fails in
+``on_train_begin`` with a message saying how to fix it; inside ``train()`` NaN/inf losses, losses that
+cannot be computed and failed saves warn (``RuntimeWarning``) and training goes on, the predictions of
+such an evaluation logged as NaN with ``extrapolating`` 1.0.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import time
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import TrainerCallback
 
+from .callback import (
+    _check_scores_probe,
+    _guarded,
+    _loss_summary,
+    _losses_failed_message,
+    _nonfinite_message,
+    _open_loss_store,
+    _prediction,
+)
 from .losses import token_losses
 from .probe import ProbeSet
 from .salience import SalienceVector
 from .store import LossStore
+
+_OWNER = "SalienceTrainerCallback"
 
 
 class SalienceTrainerCallback(TrainerCallback):
@@ -45,6 +62,8 @@ class SalienceTrainerCallback(TrainerCallback):
         batch_size: probe sequences per forward pass.
         save_dir: optional loss store directory (the format of ``csv-callback collect``): each evaluated
             step's per-token losses are saved there as ``step-<global_step:09d>``, as the Lightning callback does.
+            It is opened (and checked) when training begins: a directory holding another probe's losses, or a
+            path that is not a writable directory, fails before the first step.
     """
 
     def __init__(
@@ -68,10 +87,12 @@ class SalienceTrainerCallback(TrainerCallback):
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}.")
         self.batch_size = batch_size
-        self.save_dir = save_dir
+        self.save_dir = Path(save_dir) if save_dir is not None else None
         self._store: LossStore | None = None
         self._attached = False
         self._cache: tuple[int, dict[str, float]] | None = None
+        self._model_checked = False
+        self._training = False  # between on_train_begin and on_train_end: faults warn instead of raising
 
     def attach(self, trainer: Any) -> Any:
         """Put this callback first in ``trainer``'s callbacks, so the ``report_to`` trackers log its metrics."""
@@ -83,10 +104,15 @@ class SalienceTrainerCallback(TrainerCallback):
         return trainer
 
     # ------------------------------------------------------------------ Trainer events
-    def on_train_begin(self, args, state, control, processing_class=None, **kwargs):
-        # A wrong tokenizer would make every prediction meaningless: fail before any training step.
+    def on_train_begin(self, args, state, control, model=None, processing_class=None, **kwargs):
+        # Whatever would make the evaluations fail or meaningless fails now, before any training step.
         if processing_class is not None and hasattr(processing_class, "get_vocab"):
             self.probe.check_tokenizer(processing_class)
+        if model is not None:
+            self._check_model(model)
+        if self.save_dir is not None and state.is_world_process_zero and self._store is None:
+            self._store = _open_loss_store(self.save_dir, self.probe, _OWNER, self.save_dir)
+        self._training = True
         report_to = [args.report_to] if isinstance(args.report_to, str) else list(args.report_to or [])
         trackers = [t for t in report_to if t != "none"]
         if trackers and not self._attached and state.is_world_process_zero:
@@ -100,6 +126,7 @@ class SalienceTrainerCallback(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         # load_best_model_at_end swaps the weights without a new step: the next evaluation must recompute.
         self._cache = None
+        self._training = False
 
     def on_log(self, args, state, control, logs=None, model=None, **kwargs):
         prefix = _eval_prefix(logs)
@@ -126,40 +153,51 @@ class SalienceTrainerCallback(TrainerCallback):
             self._cache = (state.global_step, self._compute(model, state))
         return {f"{prefix}_{k}": v for k, v in self._cache[1].items()}
 
+    def _check_model(self, model: torch.nn.Module) -> None:
+        """Fail if ``model`` cannot score the probe (see :func:`~csv_callback.callback._check_scores_probe`)."""
+        if not self._model_checked:
+            _check_scores_probe(model, self.probe, _OWNER, "the Trainer's model")
+            self._model_checked = True
+
     def _compute(self, model: torch.nn.Module, state) -> dict[str, float]:
         start = time.perf_counter()
-        losses = token_losses(model, self.probe, batch_size=self.batch_size)
+        self._check_model(model)  # done by on_train_begin in a run; a bare evaluate() fails here, before any compute
+        step = state.global_step
+        try:
+            losses = token_losses(model, self.probe, batch_size=self.batch_size)
+        except Exception as e:  # inside a run, hours of training matter more than one evaluation's predictions
+            if not self._training:
+                raise
+            _warn(_losses_failed_message(_OWNER, self.probe, step, e))
+            losses = None
+        mean_loss, n_bad = _loss_summary(losses)
         out: dict[str, float] = {}
-        n_bad = int((~torch.isfinite(losses)).sum())
-        finite = n_bad == 0
-        if not finite and state.is_world_process_zero:
-            # Inside a training run: warn and keep training rather than kill hours of compute.
-            warnings.warn(f"step {state.global_step}: {n_bad} probe token losses are NaN/inf; the predicted scores "
-                          "are logged as NaN.", stacklevel=2)
         for sv in self.vectors:
-            if finite:
-                wl = float(sv.weighted_loss(losses.numpy()))
-                out[f"csv/{sv.task}/pred"] = float(sv.link(wl))
-                out[f"csv/{sv.task}/weighted_loss"] = wl
-                out[f"csv/{sv.task}/extrapolating"] = float(sv.extrapolates(wl))
-            else:
-                out[f"csv/{sv.task}/pred"] = out[f"csv/{sv.task}/weighted_loss"] = math.nan
-                out[f"csv/{sv.task}/extrapolating"] = 1.0
-        out["csv/probe_mean_loss"] = float(losses.double().mean())
-        out["csv/nonfinite_losses"] = float(n_bad)
-        if self.save_dir is not None and state.is_world_process_zero and finite:
-            self._save(losses, state)
+            pred, wl, extrapolating = _prediction(sv, losses)
+            out |= {f"csv/{sv.task}/pred": pred, f"csv/{sv.task}/weighted_loss": wl,
+                    f"csv/{sv.task}/extrapolating": float(extrapolating)}
+        out["csv/probe_mean_loss"] = mean_loss
+        out["csv/nonfinite_losses"] = n_bad
+        if losses is not None and state.is_world_process_zero:
+            if n_bad:
+                _warn(_nonfinite_message(_OWNER, int(n_bad), self.probe, step, "csv/nonfinite_losses"))
+            elif self.save_dir is not None:
+                self._save(losses, state)
         out["csv/eval_seconds"] = time.perf_counter() - start
         return out
 
     def _save(self, losses: torch.Tensor, state) -> None:
-        try:
-            if self._store is None:
-                self._store = LossStore(self.save_dir, self.probe)
-            self._store.write(f"step-{state.global_step:09d}", losses, step=state.global_step,
-                              tokens_seen=float(state.num_input_tokens_seen) if state.num_input_tokens_seen else None)
-        except OSError as e:  # a full disk must not stop training; saved rows are intact (atomic writes)
-            warnings.warn(f"could not save probe losses to {self.save_dir}: {e}", stacklevel=2)
+        if self._store is None:  # a bare evaluate(), without on_train_begin: a bad save_dir raises here
+            self._store = _open_loss_store(self.save_dir, self.probe, _OWNER, self.save_dir)
+        store, step = self._store, state.global_step
+        seen = float(state.num_input_tokens_seen) if state.num_input_tokens_seen else None
+        # A full disk must not stop training; rows already saved stay intact (atomic writes).
+        _guarded(f"save the probe losses of step {step} to {store.root}",
+                 lambda: store.write(f"step-{step:09d}", losses, step=step, tokens_seen=seen), owner=_OWNER, warn=_warn)
+
+
+def _warn(message: str) -> None:
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 def _eval_prefix(logs: dict[str, Any] | None) -> str | None:

@@ -9,15 +9,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning.pytorch as pl
 import numpy as np
 import pytest
+import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
 import lightning_helpers as H
-from csv_callback import ProbeMismatchError, token_losses
+from csv_callback import ProbeMismatchError, ProbeSet, token_losses
 from csv_callback.callback import SalienceCallback
-from csv_callback.store import load_losses
+from csv_callback.store import LossStore, load_losses
 from csv_callback.testing import train_tokenizer
 
 LOGS = Path("csv/version_0")
@@ -31,6 +33,29 @@ def probe():
 @pytest.fixture(scope="module")
 def vector(probe):
     return H.fitted_vector(probe)
+
+
+@pytest.fixture(scope="module")
+def long_probe():
+    """A short text and a long one split into sequences of 128 tokens: twice TinyLM's context window (64)."""
+    text = " ".join(H.pydoc_corpus()[20][:3000].split())
+    return ProbeSet.from_texts(["Short probe text here.", text], H.tokenizer(), max_length=128)
+
+
+class ShrinkContextAt(pl.Callback):
+    """Once training reaches ``step``, TinyLM's GPT-2 keeps only its first ``positions`` position embeddings.
+
+    Training on shorter blocks goes on, but longer probe sequences then fail in the embedding lookup
+    (IndexError): a model that stops being able to score the probe in the middle of a run.
+    """
+
+    def __init__(self, step: int, positions: int = H.BLOCK):
+        self.step, self.positions = step, positions
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            kept = pl_module.model.transformer.wpe.weight[: self.positions].detach().clone()
+            pl_module.model.transformer.wpe = torch.nn.Embedding.from_pretrained(kept, freeze=False)
 
 
 # ---------------------------------------------------------------------- bad input, before training
@@ -81,6 +106,28 @@ def test_unwritable_save_dir_fails_at_setup(probe, tmp_path):
     t = H.trainer(tmp_path, [SalienceCallback(H.plain_vector(probe), probe, save_dir=tmp_path / "file" / "store")])
     with pytest.raises(ValueError, match="save_dir"):
         t.fit(H.TinyLM(), *H.loaders())
+
+
+def test_save_dir_of_another_probe_fails_at_setup(probe, tmp_path):
+    LossStore(tmp_path / "store", H.make_probe(n_texts=3))
+    t = H.trainer(tmp_path, [SalienceCallback(H.plain_vector(probe), probe, save_dir=tmp_path / "store")])
+    expected = rf"SalienceCallback\(save_dir=.*\): .* holds losses of probe \w+, not of probe {probe.fingerprint}; use"
+    with pytest.raises(ProbeMismatchError, match=expected):
+        t.fit(H.TinyLM(), *H.loaders())
+    assert t.global_step == 0
+
+
+def test_probe_longer_than_the_context_window_fails_before_training(long_probe, tmp_path):
+    expected = (r"cannot compute the probe's token losses with (the LightningModule|pl_module\.model) .*the longest "
+                r"sequence of probe \w+ \(128 tokens\).*rebuild the probe with a smaller max_length")
+    t = H.trainer(tmp_path, [SalienceCallback(H.plain_vector(long_probe), long_probe)], max_steps=4)
+    with pytest.raises(ValueError, match=expected):
+        t.fit(H.TinyLM(), *H.loaders(n_train=16))
+    assert t.global_step == 0
+    # A lone validate() is no run to protect either; here the HF model itself is checked, config and all.
+    t = H.trainer(tmp_path, [SalienceCallback(H.plain_vector(long_probe), long_probe, model_attr="model")])
+    with pytest.raises(ValueError, match=expected):
+        t.validate(H.TinyLM(), H.loaders()[1], verbose=False)
 
 
 # ---------------------------------------------------------------------- what is logged
@@ -225,16 +272,42 @@ def test_resumed_run_continues_the_series_without_gaps_or_duplicates(probe, tmp_
 def test_nan_losses_warn_log_nan_and_training_continues(probe, tmp_path):
     cb = SalienceCallback(H.plain_vector(probe), probe, save_dir=tmp_path / "store")
     t = H.trainer(tmp_path, [cb], max_steps=8, val_every=2)
-    with pytest.warns(RuntimeWarning, match="NaN/inf"):
+    with pytest.warns(RuntimeWarning, match=rf"{probe.n_tokens} of {probe.n_tokens} probe token losses are NaN/inf at "
+                                            r"step 4 .*logged as NaN with extrapolating=1\.0"):
         t.fit(H.TinyLM(poison_at=3), *H.loaders())
     assert t.global_step == 8
     preds = H.read_csv_metrics(tmp_path / LOGS, "csv/plumb/pred")
     flags = H.read_csv_metrics(tmp_path / LOGS, "csv/nonfinite_losses")
+    extrapolating = H.read_csv_metrics(tmp_path / LOGS, "csv/plumb/extrapolating")
     assert not math.isnan(preds[1]) and flags[1] == 0
     for step in (3, 5, 7):
-        assert math.isnan(preds[step]) and flags[step] == probe.n_tokens
+        # A NaN prediction is flagged as extrapolating, as SalienceTrainerCallback flags it: never a confident one.
+        assert math.isnan(preds[step]) and flags[step] == probe.n_tokens and extrapolating[step] == 1.0
     # Only the finite checkpoints were stored, and they still load.
     assert load_losses(tmp_path / "store").steps.tolist() == [2]
+
+
+def test_losses_failing_mid_run_warn_skip_the_predictions_and_training_continues(probe, tmp_path):
+    # The model passes the check at fit start, then cannot score the probe's 48-token sequences from step 3 on.
+    cb = SalienceCallback(H.plain_vector(probe), probe, save_dir=tmp_path / "store")
+    t = H.trainer(tmp_path, [cb, ShrinkContextAt(3)], max_steps=6, val_every=2)
+    module = H.TinyLM()
+    expected = (rf"could not compute the token losses of probe {probe.fingerprint} at step 4 \(IndexError: .*\); "
+                r"this evaluation's predictions are skipped .*training continues")
+    with pytest.warns(RuntimeWarning, match=expected):
+        t.fit(module, *H.loaders(n_train=48))
+    assert t.global_step == 6
+    preds = H.read_csv_metrics(tmp_path / LOGS, "csv/plumb/pred")
+    extrapolating = H.read_csv_metrics(tmp_path / LOGS, "csv/plumb/extrapolating")
+    mean_loss = H.read_csv_metrics(tmp_path / LOGS, "csv/probe_mean_loss")
+    assert not math.isnan(preds[1]) and extrapolating[1] == 0.0
+    for step in (3, 5):  # the skipped validations: NaN, flagged, so no monitor takes them for a real score
+        assert math.isnan(preds[step]) and math.isnan(mean_loss[step]) and extrapolating[step] == 1.0
+    assert [r["step"] for r in cb.history] == [2, 4, 6]
+    assert load_losses(tmp_path / "store").steps.tolist() == [2]
+    # Outside a training run the same failure raises.
+    with pytest.raises(IndexError):
+        t.validate(module, H.loaders()[1], verbose=False)
 
 
 @pytest.mark.skipif(shutil.which("unshare") is None, reason="needs util-linux unshare to mount a tiny tmpfs")

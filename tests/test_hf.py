@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 import torch
 from offline_helpers import one_torch_thread
-from transformers import EarlyStoppingCallback, Trainer, TrainingArguments
+from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, TrainingArguments
 
-from csv_callback import ProbeSet, SalienceVector, SigmoidLink, token_losses
+from csv_callback import ProbeMismatchError, ProbeSet, SalienceVector, SigmoidLink, token_losses
 from csv_callback.hf import SalienceTrainerCallback
-from csv_callback.store import load_losses
+from csv_callback.store import LossStore, load_losses
+from csv_callback.testing import tiny_gpt2
 
 TASK = "rare"
 
@@ -37,25 +38,60 @@ def _one_thread():
         yield
 
 
+def uniform_vector(probe: ProbeSet) -> SalienceVector:
+    """Equal weight on every probe token, a link over [0.25, 0.9] and the fitted range (5, 8) of weighted losses."""
+    return SalienceVector(weights=np.full(probe.n_tokens, 1 / probe.n_tokens), link=SigmoidLink(0.25, 0.9, 1.5, 6.5),
+                          task=TASK, probe_fingerprint=probe.fingerprint, tokenizer_hash=probe.tokenizer_hash,
+                          loss_range=(5.0, 8.0))
+
+
 @pytest.fixture(scope="module")
 def setup(tokenizer, corpus):
     ids = tokenizer("\n".join(corpus[:40]))["input_ids"]
     # Continuations pydoc never contains: learning pydoc makes them less likely, so the predicted score
     # falls as training goes on, which early stopping must catch.
     probe = ProbeSet.from_pairs([("Value:", " QZXJ VKWQ"), ("Code", " ZZQX JXQV")], tokenizer, max_length=32)
-    vector = SalienceVector(weights=np.full(probe.n_tokens, 1 / probe.n_tokens), link=SigmoidLink(0.25, 0.9, 1.5, 6.5),
-                            task=TASK, probe_fingerprint=probe.fingerprint, tokenizer_hash=probe.tokenizer_hash,
-                            loss_range=(5.0, 8.0))
-    return Blocks(ids), Blocks(ids, n=8, offset=64 * 32), probe, vector
+    return Blocks(ids), Blocks(ids, n=8, offset=64 * 32), probe, uniform_vector(probe)
+
+
+class ShrinkContextAt(TrainerCallback):
+    """Once training reaches ``step``, the GPT-2 keeps only its first ``positions`` position embeddings.
+
+    Training on the 32-token blocks goes on, but longer probe sequences then fail in the embedding lookup
+    (IndexError): a model that stops being able to score the probe in the middle of a run.
+    """
+
+    def __init__(self, step: int, positions: int = 32):
+        self.step, self.positions = step, positions
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step == self.step:
+            kept = model.transformer.wpe.weight[: self.positions].detach().clone()
+            model.transformer.wpe = torch.nn.Embedding.from_pretrained(kept, freeze=False)
+
+
+class BreakSaveDirAt(TrainerCallback):
+    """Once training reaches ``step``, ``<save_dir>/losses`` becomes a file: every later save fails."""
+
+    def __init__(self, save_dir: Path, step: int):
+        self.save_dir, self.step = save_dir, step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            losses = self.save_dir / "losses"
+            for f in losses.iterdir():
+                f.unlink()
+            losses.rmdir()
+            losses.write_text("not a directory")
 
 
 def make_trainer(tmp_path, model, tokenizer, setup, callbacks, **kw):
     train, evals, _, _ = setup
     args = TrainingArguments(
         output_dir=str(tmp_path / "out"), max_steps=kw.pop("max_steps", 6), per_device_train_batch_size=8,
-        per_device_eval_batch_size=8, learning_rate=3e-3, eval_strategy="steps", eval_steps=2, save_strategy="steps",
-        save_steps=2, logging_steps=2, report_to=kw.pop("report_to", "none"), use_cpu=True, seed=0,
-        disable_tqdm=True, **kw,
+        per_device_eval_batch_size=8, learning_rate=3e-3, eval_strategy="steps", eval_steps=2,
+        save_strategy=kw.pop("save_strategy", "steps"), save_steps=2, logging_steps=2,
+        report_to=kw.pop("report_to", "none"), use_cpu=True, seed=0, disable_tqdm=True, **kw,
     )
     return Trainer(model=model, args=args, train_dataset=train, eval_dataset=evals, processing_class=tokenizer,
                    callbacks=callbacks)
@@ -182,7 +218,81 @@ def test_nonfinite_losses_warn_and_log_nan(tmp_path, model, tokenizer, setup):
     with torch.no_grad():
         model.lm_head.weight[0, 0] = float("nan")  # every logit row then holds a NaN
     trainer = make_trainer(tmp_path, model, tokenizer, setup, [SalienceTrainerCallback([vector], probe)])
-    with pytest.warns(UserWarning, match="NaN/inf"):
+    with pytest.warns(RuntimeWarning, match=rf"{probe.n_tokens} of {probe.n_tokens} probe token losses are NaN/inf at "
+                                            r"step 0 .*logged as NaN with extrapolating=1\.0"):
         metrics = trainer.evaluate()
     assert np.isnan(metrics[f"eval_csv/{TASK}/pred"]) and metrics["eval_csv/nonfinite_losses"] == probe.n_tokens
+    # Flagged as the Lightning SalienceCallback flags it: a NaN prediction is never a confident in-range one.
     assert metrics[f"eval_csv/{TASK}/extrapolating"] == 1.0
+
+
+# ---------------------------------------------------------------------- faults: before training, then during it
+def test_save_dir_of_another_probe_or_not_a_directory_fails_before_training(tmp_path, model, tokenizer, setup):
+    _, _, probe, vector = setup
+    other = ProbeSet.from_texts(["another probe's text"], tokenizer)
+    LossStore(tmp_path / "store", other)
+    cb = SalienceTrainerCallback([vector], probe, save_dir=tmp_path / "store")
+    trainer = make_trainer(tmp_path, model, tokenizer, setup, [cb])
+    expected = (rf"SalienceTrainerCallback\(save_dir=.*\): .* holds losses of probe {other.fingerprint}, not of probe "
+                rf"{probe.fingerprint}; use a new directory")
+    with pytest.raises(ProbeMismatchError, match=expected):
+        trainer.train()
+    assert trainer.state.global_step == 0
+    (tmp_path / "file").write_text("not a directory")
+    cb = SalienceTrainerCallback([vector], probe, save_dir=tmp_path / "file")
+    trainer = make_trainer(tmp_path, model, tokenizer, setup, [cb])
+    with pytest.raises(ValueError, match=r"SalienceTrainerCallback\(save_dir=.*file'\) cannot be used .*writable"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+
+
+def test_probe_longer_than_the_context_window_fails_before_training(tmp_path, tokenizer, corpus, setup):
+    text = " ".join(corpus[20][:3000].split())
+    probe = ProbeSet.from_texts(["Short probe text here.", text], tokenizer, max_length=128)
+    cb = SalienceTrainerCallback([uniform_vector(probe)], probe)
+    trainer = make_trainer(tmp_path, tiny_gpt2(len(tokenizer), n_positions=64), tokenizer, setup, [cb], max_steps=4)
+    expected = (r"SalienceTrainerCallback cannot compute the probe's token losses with the Trainer's model .*the "
+                r"longest sequence of probe \w+ \(128 tokens\).*rebuild the probe with a smaller max_length")
+    with pytest.raises(ValueError, match=expected):
+        trainer.train()
+    assert trainer.state.global_step == 0
+    # A lone evaluate() is no run to protect either: it fails the same way, before computing anything.
+    with pytest.raises(ValueError, match=expected):
+        trainer.evaluate()
+
+
+def test_losses_failing_mid_run_warn_skip_the_predictions_and_training_continues(tmp_path, model, tokenizer, corpus,
+                                                                                   setup):
+    # The model passes the check at train start, then cannot score the probe's 48-token sequences from step 3 on.
+    probe = ProbeSet.from_texts([t[:400] for t in corpus[:3]], tokenizer, max_length=48)
+    cb = SalienceTrainerCallback([uniform_vector(probe)], probe, save_dir=tmp_path / "losses")
+    trainer = make_trainer(tmp_path, model, tokenizer, setup, [cb, ShrinkContextAt(3)], save_strategy="no")
+    expected = (rf"SalienceTrainerCallback could not compute the token losses of probe {probe.fingerprint} at step 4 "
+                r"\(IndexError: .*\); this evaluation's predictions are skipped .*training continues")
+    with pytest.warns(RuntimeWarning, match=expected):
+        trainer.train()
+    assert trainer.state.global_step == 6
+    evals = {h["step"]: h for h in trainer.state.log_history if "eval_loss" in h}
+    assert sorted(evals) == [2, 4, 6] and evals[2][f"eval_csv/{TASK}/extrapolating"] == 0.0
+    assert np.isfinite(evals[2][f"eval_csv/{TASK}/pred"])
+    for step in (4, 6):  # the skipped evaluations: NaN, flagged, so no monitor takes them for a real score
+        assert np.isnan(evals[step][f"eval_csv/{TASK}/pred"]) and np.isnan(evals[step]["eval_csv/probe_mean_loss"])
+        assert evals[step][f"eval_csv/{TASK}/extrapolating"] == 1.0
+    assert load_losses(tmp_path / "losses").steps.tolist() == [2]
+    # Outside a training run the same failure raises.
+    with pytest.raises(IndexError):
+        trainer.evaluate()
+
+
+def test_save_failing_mid_run_warns_and_training_continues(tmp_path, model, tokenizer, setup):
+    _, _, probe, vector = setup
+    cb = SalienceTrainerCallback([vector], probe, save_dir=tmp_path / "losses")
+    trainer = make_trainer(tmp_path, model, tokenizer, setup, [cb, BreakSaveDirAt(tmp_path / "losses", 3)],
+                           save_strategy="no")
+    with pytest.warns(RuntimeWarning, match=r"SalienceTrainerCallback could not save the probe losses of step 4 to "
+                                            r".*losses \(FileExistsError: .*\); training continues"):
+        trainer.train()
+    assert trainer.state.global_step == 6
+    # The predictions did not depend on the save.
+    preds = [h[f"eval_csv/{TASK}/pred"] for h in trainer.state.log_history if "eval_loss" in h]
+    assert len(preds) == 3 and np.isfinite(preds).all()
