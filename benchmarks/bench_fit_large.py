@@ -52,8 +52,10 @@ def build_store(root: Path, rows: int, tokens: int) -> None:
 
 
 def run_fit(root: Path, timeout: float) -> dict[str, float]:
+    vector = root / "vector.safetensors"
+    vector.unlink(missing_ok=True)  # the previous run's: `fit` refuses to overwrite it (and an older fit knows no --force)
     cmd = ["csv-callback", "fit", str(root / "store"), "--task", "synthetic", "--scores", str(root / "scores.csv"),
-           "--groups", "col:mix", "--out", str(root / "vector.safetensors")]
+           "--groups", "col:mix", "--out", str(vector)]
     load_before = os.getloadavg()[0]
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.perf_counter()
@@ -74,7 +76,7 @@ def run_fit(root: Path, timeout: float) -> dict[str, float]:
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = after.ru_utime + after.ru_stime - usage.ru_utime - usage.ru_stime
     return {"wall": wall, "cpu": cpu, "peak_gib": peak, "timed_out": timed_out, "output": out,
-            "load": (load_before, os.getloadavg()[0])}
+            "load": (load_before, os.getloadavg()[0]), "returncode": proc.returncode}
 
 
 def main() -> None:
@@ -92,7 +94,12 @@ def main() -> None:
     matrix_gib = args.rows * args.tokens * 4 / 2**30
     r = run_fit(root, args.timeout)
     print(r["output"].strip())
-    state = f"TIMED OUT after {args.timeout:.0f}s" if r["timed_out"] else "finished"
+    if r["timed_out"]:
+        state = f"TIMED OUT after {args.timeout:.0f}s"
+    elif r["returncode"]:
+        sys.exit(f"m={args.rows} n={args.tokens}: fit FAILED (exit code {r['returncode']}); no timing to report.")
+    else:
+        state = "finished"
     print(f"m={args.rows} n={args.tokens}: fit {state}, wall {r['wall']:.1f}s, CPU {r['cpu']:.1f}s, load "
           f"{r['load'][0]:.1f}->{r['load'][1]:.1f}, date {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, peak RSS {r['peak_gib']:.2f} GiB = "
           f"{r['peak_gib'] / matrix_gib:.2f}x one float32 matrix ({matrix_gib:.2f} GiB); threads "
