@@ -159,7 +159,13 @@ def test_interrupted_collect_leaves_complete_files_and_resumes(work, tokenizer, 
     root, runs = work
     # A probe of several hundred tokens: each checkpoint takes a moment, so the interrupt lands mid-run.
     ProbeSet.from_texts([t[:300] for t in corpus[:12]], tokenizer, max_length=128).save(tmp_path / "big.safetensors")
-    ckpts = [str(d) for r in runs.values() for d in r]
+    # Five copies of the eight checkpoints: with eight, a loaded machine (CI) let collect finish all of them
+    # between the first file appearing and the signal arriving.
+    ckpts = []
+    for k in range(5):
+        for run, dirs in runs.items():
+            for d in dirs:
+                ckpts.append(str(shutil.copytree(d, tmp_path / "copies" / f"c{k}" / f"{run}-{d.name}")))
     out = tmp_path / "store"
     proc = subprocess.Popen(["csv-callback", "collect", *ckpts, "--probe", str(tmp_path / "big.safetensors"), "--out",
                              str(out), "--name-parts", "2", "--no-progress"], stderr=subprocess.PIPE, text=True, env=subprocess_env())
