@@ -19,7 +19,7 @@ import math
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -205,16 +205,19 @@ def _fit(
         "effective_tokens": float(np.exp(-np.sum(weights * np.log(np.maximum(weights, 1e-300))))),
         "n_checkpoints": m,
     }
-    return SalienceVector(
+    sv = SalienceVector(
         weights=weights,
         link=final.link,
         task=task,
         metric=metric,
         probe_fingerprint=probe.fingerprint if probe is not None else "",
         tokenizer_hash=probe.tokenizer_hash if probe is not None else "",
-        loss_range=(float(wl.min()), float(wl.max())),
         fit_report=report,
     )
+    # The range comes from the vector's own float64 weighted_loss, as the callbacks compute it (a row at a time),
+    # not from the solver's float32 products, which put the fitting set's own extremes about 1e-7 outside it.
+    seen = [sv.weighted_loss(row) for row in X]  # one float64 row at a time: no float64 copy of X
+    return replace(sv, loss_range=(min(seen), max(seen)))
 
 
 # ---------------------------------------------------------------------- the joint solver

@@ -22,6 +22,7 @@ from .probe import ProbeMismatchError, ProbeSet, atomic_save, malformed_file, re
 FORMAT = "csv_callback.salience/1"
 _META_KEYS = ("link", "task", "metric", "probe_fingerprint", "tokenizer_hash", "loss_range", "fit_report")
 _LINK_KEYS = ("lo", "hi", "k", "L0")
+_RANGE_RTOL = 1e-9
 
 
 @dataclass(frozen=True)
@@ -141,8 +142,12 @@ class SalienceVector:
         A NaN or infinite weighted loss counts as extrapolating: no prediction made from it can be trusted.
         """
         lo, hi = self.loss_range
+        # A weighted loss computed from a matrix of rows and one computed from a single row round differently
+        # (float64 dot products, ~1e-16 relative), so a fitting checkpoint at an end of the range must not be
+        # flagged by that; 1e-9 of the range's scale is far below any real extrapolation.
+        slack = _RANGE_RTOL * max((abs(v) for v in (lo, hi) if math.isfinite(v)), default=1.0)
         wl = np.asarray(weighted_loss, dtype=np.float64)
-        out = ~((wl >= lo) & (wl <= hi) & np.isfinite(wl))
+        out = ~((wl >= lo - slack) & (wl <= hi + slack) & np.isfinite(wl))
         return bool(out) if out.ndim == 0 else out
 
     # ------------------------------------------------------------------ files

@@ -117,6 +117,18 @@ def test_fitted_vector_round_trips_and_predicts_the_same(tmp_path, ladder, fitte
     assert math.isfinite(back.fit_report["lam"])
 
 
+def test_fitting_checkpoints_are_never_flagged_as_extrapolating(ladder, fitted):
+    """The fitted range holds every fitting checkpoint's weighted loss, however it is computed: one row at a
+    time (the callbacks) or as a matrix (predict). The solver's float32 products had put the two extremes
+    about 1e-7 outside it."""
+    by_row = np.array([fitted.weighted_loss(row) for row in ladder.losses])
+    assert fitted.loss_range == (by_row.min(), by_row.max())
+    assert not fitted.extrapolates(by_row).any()
+    assert not fitted.extrapolates(fitted.weighted_loss(ladder.losses)).any()
+    lo, hi = fitted.loss_range
+    assert fitted.extrapolates(lo - 1e-6) and fitted.extrapolates(hi + 1e-6)
+
+
 def test_fit_is_bit_reproducible(ladder, fitted):
     again = fit_salience(ladder.losses, ladder.scores, groups=ladder.groups, answer_mask=ladder.salient, task="syn")
     assert np.array_equal(again.weights, fitted.weights)
