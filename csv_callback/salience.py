@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -36,6 +37,9 @@ class SigmoidLink:
 
     def __post_init__(self) -> None:
         vals = (self.lo, self.hi, self.k, self.L0)
+        # A bool is a number to Python but no parameter; a str would fail later, inside numpy.
+        if not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in vals):
+            raise ValueError(f"SigmoidLink parameters must be real numbers, got {vals}.")
         if not all(math.isfinite(v) for v in vals):
             raise ValueError(f"SigmoidLink parameters must be finite, got {vals}.")
         if not self.k > 0:

@@ -93,10 +93,13 @@ def test_bad_losses(losses, match):
         ({"weights": np.array([0.5, math.nan])}, r"non-finite .*; re-fit the vector\.$"),  # advice for weights
         ({"link": "k0"}, "k > 0"),
         ({"link": "hi<lo"}, "hi >= lo"),
+        ({"link": "str"}, "must be real numbers"),
+        ({"link": "bool"}, "must be real numbers"),
     ],
 )
 def test_bad_vectors(kwargs, match):
-    links = {"k0": lambda: SigmoidLink(0.2, 0.8, 0.0, 1.0), "hi<lo": lambda: SigmoidLink(0.8, 0.2, 1.0, 1.0)}
+    links = {"k0": lambda: SigmoidLink(0.2, 0.8, 0.0, 1.0), "hi<lo": lambda: SigmoidLink(0.8, 0.2, 1.0, 1.0),
+             "str": lambda: SigmoidLink("a", 1.0, 1.0, 1.0), "bool": lambda: SigmoidLink(0.0, True, 1.0, 1.0)}
     with pytest.raises(ValueError, match=match):
         if "link" in kwargs:
             links[kwargs["link"]]()
