@@ -15,9 +15,10 @@ import os
 import time
 import warnings
 from collections.abc import Sequence
+from functools import partial
 from operator import attrgetter
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -26,6 +27,16 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_prefixed_message, rank_zero_warn
 from torch import nn
 
+from ._faults import (
+    check_scores_probe,
+    guarded,
+    loss_summary,
+    losses_failed_message,
+    nonfinite_message,
+    open_loss_store,
+    prediction,
+    usable,
+)
 from .losses import token_losses
 from .probe import ProbeMismatchError, ProbeSet
 from .salience import SalienceVector
@@ -153,7 +164,7 @@ class SalienceCallback(Callback):
             for probe in self.probes:
                 probe.check_tokenizer(tokenizer)
         if self.save_dir is not None and trainer.is_global_zero and not self._stores:
-            self._stores = {p.fingerprint: _open_loss_store(self._store_root(p), p, "SalienceCallback", self.save_dir)
+            self._stores = {p.fingerprint: open_loss_store(self._store_root(p), p, "SalienceCallback", self.save_dir)
                             for p in self.probes}
         if self.wandb_extras and trainer.is_global_zero:
             _guarded("define the W&B metrics", lambda: _wandb().define_metrics(trainer, self._metric_summaries()))
@@ -180,7 +191,7 @@ class SalienceCallback(Callback):
         return model
 
     def _check_model(self, pl_module: pl.LightningModule) -> None:
-        """Fail before the first step if the model cannot score every probe (see :func:`_check_scores_probe`)."""
+        """Fail before the first step if the model cannot score every probe (see :func:`~csv_callback._faults.check_scores_probe`)."""
         if self._model_checked:
             return
         model = self._model(pl_module)
@@ -192,7 +203,7 @@ class SalienceCallback(Callback):
             where = f"pl_module.{self.model_attr}"
             hint = f"if {where} is not the causal LM, set model_attr to the attribute that holds it"
         for probe in self.probes:
-            _check_scores_probe(model, probe, "SalienceCallback", where, hint)
+            check_scores_probe(model, probe, "SalienceCallback", where, hint)
         self._model_checked = True
 
     # ------------------------------------------------------------------ the evaluation
@@ -206,15 +217,15 @@ class SalienceCallback(Callback):
         n_bad = 0.0  # becomes NaN, "unknown", if some probe's losses could not be computed
         for probe in self.probes:
             losses = self._probe_losses(trainer, model, probe, step)
-            mean_loss, bad = _loss_summary(losses)
+            mean_loss, bad = loss_summary(losses)
             n_bad += bad
             metrics[self._mean_loss_name(probe)] = mean_loss
             for vector in self._groups[probe.fingerprint]:
-                metrics.update(self._predict(vector, losses, step))
+                metrics.update(self._predict(vector, usable(losses, bad), step))
             if losses is None:  # _probe_losses warned; there is nothing to save
                 continue
             if bad:
-                _warn(_nonfinite_message("SalienceCallback", int(bad), probe, step, f"{self.prefix}/nonfinite_losses"))
+                _warn(nonfinite_message("SalienceCallback", int(bad), probe, step, f"{self.prefix}/nonfinite_losses"))
             elif probe.fingerprint in self._stores:
                 self._save(trainer, pl_module, probe, losses, step)
         metrics[f"{self.prefix}/nonfinite_losses"] = n_bad
@@ -227,7 +238,7 @@ class SalienceCallback(Callback):
             pl_module.log(name, value, on_step=False, on_epoch=True, sync_dist=True, batch_size=1)
 
     def _predict(self, vector: SalienceVector, losses: torch.Tensor | None, step: int) -> dict[str, float]:
-        pred, wl, extrapolating = _prediction(vector, losses)
+        pred, wl, extrapolating = prediction(vector, losses)
         row = {"step": step, "task": vector.task, "pred": pred, "weighted_loss": wl, "extrapolating": extrapolating}
         # A re-evaluated step (trainer.validate() after fit, a resumed run) replaces its row.
         self.history = [r for r in self.history if (r["step"], r["task"]) != (step, vector.task)] + [row]
@@ -261,7 +272,7 @@ class SalienceCallback(Callback):
             raise RuntimeError(f"SalienceCallback: rank(s) {failed} could not compute the token losses of probe "
                                f"{probe.fingerprint}; their error is in their output.")
         if error is not None:
-            message = _losses_failed_message("SalienceCallback", probe, step, error)
+            message = losses_failed_message("SalienceCallback", probe, step, error)
             # Not rank_zero_warn: the failing rank is the one that knows the error.
             warnings.warn(message if world == 1 else rank_prefixed_message(message, rank), RuntimeWarning, stacklevel=2)
         else:
@@ -336,96 +347,11 @@ class SalienceCallback(Callback):
         return out
 
 
-# ---------------------------------------------------------------------- shared with hf.SalienceTrainerCallback
-# Both callbacks follow one policy: what can be checked before training raises there, with the fix in the
-# message (no compute is lost yet); inside a training run every fault warns and training goes on.
-def _check_scores_probe(model: nn.Module, probe: ProbeSet, owner: str, where: str, hint: str = "") -> None:
-    """Raise ValueError if ``model`` cannot score ``probe``; called before the first training step.
-
-    Scores two sequences, batch 1: the probe's longest and the one holding its largest token id. Between
-    them they reach every position and every token id an evaluation will feed the model, so the model's
-    context window and vocabulary are checked for the price of two short forwards (``token_losses`` itself
-    compares them with what an HF ``model.config`` declares before any forward, and names the limit), as is
-    a model that returns no logits. Later evaluations can then fail only if the model changes or runs out
-    of memory.
-    """
-    longest = int(probe.lengths.max())
-    top_id = int(probe.input_ids.max())
-    holder = int(torch.searchsorted(probe.offsets, int(torch.argmax(probe.input_ids)), right=True)) - 1
-    sequences = torch.tensor(sorted({int(torch.argmax(probe.lengths)), holder}))
-    try:
-        token_losses(model, probe, batch_size=1, sequences=sequences)
-    except Exception as e:  # any failure here means the model cannot score this probe at all
-        raise ValueError(
-            f"{owner} cannot compute the probe's token losses with {where} ({type(e).__name__}: {e}); tried on the "
-            f"longest sequence of probe {probe.fingerprint} ({longest} tokens) and the one holding its largest token "
-            f"id ({top_id}). The model must map int64 token ids [B, T] to logits [B, T, V] (or return an output with "
-            f".logits) for sequences that long and ids that large: if its context window is shorter than {longest} "
-            "tokens, rebuild the probe with a smaller max_length; if its vocabulary is smaller, build the probe with "
-            "the model's own tokenizer" + (f"; {hint}." if hint else ".")
-        ) from e
-
-
-def _open_loss_store(root: Path, probe: ProbeSet, owner: str, save_dir: PathLike) -> LossStore:
-    """The loss store of ``probe`` at ``root``; raised before training, a bad ``save_dir`` costs no compute."""
-    try:
-        return LossStore(root, probe)
-    except ProbeMismatchError as e:
-        raise ProbeMismatchError(f"{owner}(save_dir={str(save_dir)!r}): {e}") from e
-    except (OSError, ValueError) as e:  # not a directory, not writable, or a corrupt probe file in it
-        raise ValueError(
-            f"{owner}(save_dir={str(save_dir)!r}) cannot be used ({e}); pass a writable directory (a new one for a "
-            "new probe) or save_dir=None."
-        ) from e
-
-
-def _loss_summary(losses: torch.Tensor | None) -> tuple[float, float]:
-    """(mean, count of NaN/inf) of ``losses`` ``[n_tokens]``; both NaN when the losses could not be computed."""
-    if losses is None:
-        return math.nan, math.nan
-    return float(losses.double().mean()), float((~torch.isfinite(losses)).sum())
-
-
-def _prediction(vector: SalienceVector, losses: torch.Tensor | None) -> tuple[float, float, bool]:
-    """(predicted score, weighted loss, extrapolating) of ``vector`` on ``losses`` ``[n_tokens]``.
-
-    Without losses, or with any NaN/inf among them, the score and weighted loss are NaN and ``extrapolating``
-    is True: a missing prediction must not read as a confident one inside the fitted range (NaN compares
-    False with both ends of the range, so this is decided here, not left to ``vector.extrapolates``).
-    """
-    if losses is None or not bool(torch.isfinite(losses).all()):
-        return math.nan, math.nan, True
-    wl = float(vector.weighted_loss(losses))
-    return float(vector.link(wl)), wl, bool(vector.extrapolates(wl))
-
-
-def _losses_failed_message(owner: str, probe: ProbeSet, step: int, error: Exception) -> str:
-    return (
-        f"{owner} could not compute the token losses of probe {probe.fingerprint} at step {step} "
-        f"({type(error).__name__}: {error}); this evaluation's predictions are skipped (logged as NaN with "
-        "extrapolating=1.0, no losses saved) and training continues."
-    )
-
-
-def _nonfinite_message(owner: str, n_bad: int, probe: ProbeSet, step: int, counter: str) -> str:
-    return (
-        f"{owner}: {n_bad} of {probe.n_tokens} probe token losses are NaN/inf at step {step} (has the model "
-        "diverged?); the predictions are logged as NaN with extrapolating=1.0, these losses are not saved, and "
-        f"{counter} counts them. A training run goes on, though early stopping that monitors a prediction may stop it."
-    )
-
-
 def _warn(message: str) -> None:
     rank_zero_warn(message, category=RuntimeWarning)
 
 
-def _guarded(what: str, fn: Callable[[], Any], owner: str = "SalienceCallback",
-             warn: Callable[[str], None] = _warn) -> None:
-    """Run a side output; a failure (full disk, logger error) warns instead of killing the training run."""
-    try:
-        fn()
-    except Exception as e:  # hours of training matter more than one lost side output
-        warn(f"{owner} could not {what} ({type(e).__name__}: {e}); training continues.")
+_guarded = partial(guarded, owner="SalienceCallback", warn=_warn)
 
 
 # ---------------------------------------------------------------------- helpers
