@@ -17,8 +17,8 @@ callback must run first: attach it with ``SalienceTrainerCallback(...).attach(tr
 Under DDP every rank computes the whole probe (the model is the same on every rank, so every rank gets the
 same prediction and early-stopping decisions agree); only the main process writes ``save_dir``.
 
-Faults are handled as in the Lightning callback, with the same code (``_faults.py``): what can be checked before training
-(tokenizer, the probe against the model's context window and vocabulary, ``save_dir``) fails in
+Faults are handled as in the Lightning callback, with the same code (``_faults.py``): what can be checked
+before training (tokenizer, the probe against the model's context window and vocabulary, ``save_dir``) fails in
 ``on_train_begin`` with a message saying how to fix it; inside ``train()`` NaN/inf losses, losses that
 cannot be computed and failed saves warn (``RuntimeWarning``) and training goes on, the predictions of
 such an evaluation logged as NaN with ``extrapolating`` 1.0.
@@ -36,16 +36,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from ._faults import (
-    check_scores_probe,
-    guarded,
-    loss_summary,
-    losses_failed_message,
-    nonfinite_message,
-    open_loss_store,
-    prediction,
-    usable,
-)
+from . import _faults
 from .losses import token_losses
 from .probe import ProbeSet
 from .salience import SalienceVector
@@ -112,7 +103,7 @@ class SalienceTrainerCallback(TrainerCallback):
         if model is not None:
             self._check_model(model)
         if self.save_dir is not None and state.is_world_process_zero and self._store is None:
-            self._store = open_loss_store(self.save_dir, self.probe, _OWNER, self.save_dir)
+            self._store = _faults.open_loss_store(self.save_dir, self.probe, _OWNER, self.save_dir)
         self._training = True
         report_to = [args.report_to] if isinstance(args.report_to, str) else list(args.report_to or [])
         trackers = [t for t in report_to if t != "none"]
@@ -157,7 +148,7 @@ class SalienceTrainerCallback(TrainerCallback):
     def _check_model(self, model: torch.nn.Module) -> None:
         """Fail if ``model`` cannot score the probe (see :func:`~csv_callback._faults.check_scores_probe`)."""
         if not self._model_checked:
-            check_scores_probe(model, self.probe, _OWNER, "the Trainer's model")
+            _faults.check_scores_probe(model, self.probe, _OWNER, "the Trainer's model")
             self._model_checked = True
 
     def _compute(self, model: torch.nn.Module, state) -> dict[str, float]:
@@ -169,19 +160,19 @@ class SalienceTrainerCallback(TrainerCallback):
         except Exception as e:  # inside a run, hours of training matter more than one evaluation's predictions
             if not self._training:
                 raise
-            _warn(losses_failed_message(_OWNER, self.probe, step, e))
+            _warn(_faults.losses_failed_message(_OWNER, self.probe, step, e))
             losses = None
-        mean_loss, n_bad = loss_summary(losses)
+        mean_loss, n_bad = _faults.loss_summary(losses)
         out: dict[str, float] = {}
         for sv in self.vectors:
-            pred, wl, extrapolating = prediction(sv, usable(losses, n_bad))
+            pred, wl, extrapolating = _faults.prediction(sv, _faults.usable(losses, n_bad))
             out |= {f"csv/{sv.task}/pred": pred, f"csv/{sv.task}/weighted_loss": wl,
                     f"csv/{sv.task}/extrapolating": float(extrapolating)}
         out["csv/probe_mean_loss"] = mean_loss
         out["csv/nonfinite_losses"] = n_bad
         if losses is not None and state.is_world_process_zero:
             if n_bad:
-                _warn(nonfinite_message(_OWNER, int(n_bad), self.probe, step, "csv/nonfinite_losses"))
+                _warn(_faults.nonfinite_message(_OWNER, int(n_bad), self.probe, step, "csv/nonfinite_losses"))
             elif self.save_dir is not None:
                 self._save(losses, state)
         out["csv/eval_seconds"] = time.perf_counter() - start
@@ -189,12 +180,13 @@ class SalienceTrainerCallback(TrainerCallback):
 
     def _save(self, losses: torch.Tensor, state) -> None:
         if self._store is None:  # a bare evaluate(), without on_train_begin: a bad save_dir raises here
-            self._store = open_loss_store(self.save_dir, self.probe, _OWNER, self.save_dir)
+            self._store = _faults.open_loss_store(self.save_dir, self.probe, _OWNER, self.save_dir)
         store, step = self._store, state.global_step
         seen = float(state.num_input_tokens_seen) if state.num_input_tokens_seen else None
         # A full disk must not stop training; rows already saved stay intact (atomic writes).
-        guarded(f"save the probe losses of step {step} to {store.root}",
-                lambda: store.write(f"step-{step:09d}", losses, step=step, tokens_seen=seen), owner=_OWNER, warn=_warn)
+        _faults.guarded(f"save the probe losses of step {step} to {store.root}",
+                        lambda: store.write(f"step-{step:09d}", losses, step=step, tokens_seen=seen),
+                        owner=_OWNER, warn=_warn)
 
 
 def _warn(message: str) -> None:
