@@ -1,8 +1,11 @@
-"""Shared real components: a BPE tokenizer trained locally on CPython's pydoc pages and a tiny HF GPT-2."""
+"""Shared real components: a BPE tokenizer trained locally on CPython's pydoc pages and a tiny HF GPT-2; and
+the data kept beside the clone (``../shared``), which CI has and a user's clone does not."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -28,3 +31,31 @@ def tokenizer(corpus):
 def model(tokenizer):
     """A fresh tiny GPT-2 (2 layers, 64 wide) per test, so tests cannot leak weights into each other."""
     return tiny_gpt2(len(tokenizer))
+
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+
+def in_ci() -> bool:
+    """Whether the CI variable is set the way CI services set it (``true`` in any case, ``1`` or ``yes``)."""
+    return os.environ.get("CI", "").strip().lower() in {"1", "true", "yes"}
+
+
+@pytest.fixture(scope="session")
+def shared_file() -> Callable[[str], Path]:
+    """``shared_file("data/x.json")``: that file of the data beside the clone (``../shared``).
+
+    Missing, it skips the test outside CI, saying what is needed and where; in CI the data is part of the
+    setup, so a missing file fails the test: a skip there would pass a run that tested nothing.
+    """
+
+    def find(relative: str) -> Path:
+        path = SHARED / relative
+        if path.is_file():
+            return path
+        need = f"needs the shared data, expected at {path} (a directory 'shared' beside the clone)"
+        if in_ci():
+            pytest.fail(f"CI={os.environ['CI']!r}: this test {need}; CI must provide it", pytrace=False)
+        pytest.skip(f"{need}; it is there in CI, not in a plain clone")
+
+    return find

@@ -1,7 +1,8 @@
 """The project's link on real data: AI2's OLMo ladder (step 2), 7B and 13B predicted from their task loss.
 
-The data lives beside the clone (``../shared/data/olmo-ladder/step2.json``, as in CI); the errors of
-``fit_link`` must stay at or below the reference fit that the data's README reports, task by task.
+The data lives beside the clone (``../shared/data/olmo-ladder/step2.json``, as in CI; see ``shared_file`` in
+conftest.py); the errors of ``fit_link`` must stay at or below the reference fit that the data's README reports,
+task by task.
 """
 
 from __future__ import annotations
@@ -13,10 +14,7 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data" / "olmo-ladder" / "step2.json"
 TOL = 1e-4  # accuracy as a fraction: 0.01 points
-
-pytestmark = pytest.mark.skipif(not DATA.is_file(), reason=f"OLMo ladder data not found at {DATA} (../shared beside the clone)")
 
 
 def _olmo_link():
@@ -32,8 +30,13 @@ def olmo():
 
 
 @pytest.fixture(scope="module")
-def data(olmo):
-    return olmo.load(DATA)
+def step2(shared_file) -> Path:
+    return shared_file("data/olmo-ladder/step2.json")
+
+
+@pytest.fixture(scope="module")
+def data(step2, olmo):
+    return olmo.load(step2)
 
 
 @pytest.fixture(scope="module")
