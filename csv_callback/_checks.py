@@ -6,6 +6,7 @@ asks that bad input fails early and loudly, never by silent coercion.
 
 from __future__ import annotations
 
+import json
 import numbers
 from typing import Any
 
@@ -92,3 +93,27 @@ def is_integer_tensor(t: torch.Tensor) -> bool:
     """True for a tensor of an integer dtype. Bool is not one (True would silently index 1), nor is a float
     dtype (0.7 would silently become 0)."""
     return not (t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool)
+
+
+def parse_json(text: str | bytes, what: str) -> Any:
+    """``json.loads(text)``; JSON nested too deeply for Python's parser (a RecursionError, about 1000 levels)
+    raises ValueError about ``what`` instead, as malformed JSON (a ``JSONDecodeError``) does."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError(f"{what} is JSON nested too deeply for Python to parse") from None
+
+
+def require_json_depth(obj: Any, name: str, limit: int) -> None:
+    """Raise ValueError unless ``obj`` (parsed JSON) nests dicts and lists at most ``limit`` levels deep.
+
+    The walk is iterative, so a deep ``obj`` cannot raise RecursionError here; the callers' later recursive
+    walks (``json.dumps``, reports) are what the limit protects.
+    """
+    stack = [(obj, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, (dict, list)):
+            if depth >= limit:
+                raise ValueError(f"{name} nests objects and lists more than {limit} levels deep")
+            stack.extend((child, depth + 1) for child in (node.values() if isinstance(node, dict) else node))

@@ -111,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--anchor", nargs=2, type=float, metavar=("LOSS", "SCORE"), default=None,
                    help="one extra point every link must fit, e.g. '0 1' (zero loss scores 1, as the OLMo ladder "
                    "assumes): pins the top of the curve when no checkpoint comes near it. Default: none")
+    s.add_argument("--score-range", nargs=2, type=float, metavar=("LO", "HI"), default=None,
+                   help="the scores the metric can take, e.g. '0 100' for percentages; it bounds the link. Default: "
+                   "0 1 for --metric acc or when every score lies in [0, 1], else unbounded")
     s.set_defaults(func=cmd_fit)
 
     s = sub.add_parser("predict", help="apply salience vectors to collected losses",
@@ -257,7 +260,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     y = np.array([by_name[n].value for n in names])
     groups = _groups(args.groups, names, rows) if args.groups else None
     sv = fit_salience(X, y, groups=groups, probe=probe, task=args.task, metric=args.metric, n_folds=args.folds,
-                      seed=args.seed, priors=args.priors, anchor=args.anchor)
+                      seed=args.seed, priors=args.priors, anchor=args.anchor, score_range=args.score_range)
     # What the report needs to redraw the fit without the scores' sources.
     sv.fit_report.update(checkpoints=names, groups=None if groups is None else list(groups),
                          weighted_loss=weighted_losses(sv, X).tolist(),

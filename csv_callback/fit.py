@@ -29,7 +29,7 @@ from threadpoolctl import threadpool_limits
 
 from ._checks import as_float_array, as_float_tuple, require_int, require_str
 from .probe import ProbeMismatchError, ProbeSet
-from .salience import SalienceVector, SigmoidLink
+from .salience import FRACTION, UNBOUNDED, SalienceVector, SigmoidLink, check_score_range, named_score_range
 
 # Strengths relative to the score variance (the objective's MSE is divided by it); the largest keeps w
 # close to uniform, the smallest barely regularises.
@@ -60,13 +60,17 @@ def fit_link(
     metric: str = "acc",
     anchor: tuple[float, float] | None = None,
     start: tuple[float, float, float, float] | None = None,
+    score_range: tuple[float, float] | None = None,
 ) -> SigmoidLink:
     """Least-squares fit of :class:`SigmoidLink` to ``loss`` ``[m]`` -> ``scores`` ``[m]``, ``m >= 2``.
 
-    For ``metric="acc"`` the scores must lie in [0, 1] and the bounds are the OLMo ladder's step-2 fit:
-    ``hi`` in [0, 1], ``hi - lo`` in [0, 1], ``k`` > 0 and ``L0`` >= 0. ``anchor`` adds one
-    extra point (e.g. ``(0.0, 1.0)``: zero loss, perfect score). ``start`` is ``(lo, hi, k, L0)``, a valid
-    link within those bounds; by default the best of a data-driven start and the OLMo ladder's start is kept.
+    The score range is ``score_range`` or, when None, the one :func:`fit_salience` documents (``metric="acc"``
+    declares [0, 1]; otherwise scores all within [0, 1] are fractions). Within a bounded range ``(a, b)`` the
+    bounds generalise the OLMo ladder's step-2 fit of an accuracy: ``hi`` in [a, b], ``hi - lo`` in
+    [0, b - a], ``k`` > 0 and ``L0`` >= 0; an unbounded range leaves ``lo``, ``hi`` and ``L0`` free. ``anchor``
+    adds one extra point (e.g. ``(0.0, 1.0)``: zero loss, perfect score). ``start`` is ``(lo, hi, k, L0)``, a
+    valid link within those bounds; by default the best of a data-driven start and, for a bounded range, the
+    OLMo ladder's start is kept.
     """
     L = as_float_array(loss, "loss", 1)
     y = as_float_array(scores, "scores", 1)
@@ -77,12 +81,20 @@ def fit_link(
             f"fit_link needs at least {_MIN_LINK_POINTS} (loss, score) points besides the anchor, got {len(L)}; "
             "a single point does not determine how the score falls with the loss."
         )
-    _check_scores(y, metric)
-    anchor = _validate_anchor(anchor, metric)
+    rng = _score_range(y, metric, score_range)
+    anchor = _validate_anchor(anchor, rng)
+    return _fit_link(L, y, rng, anchor, None if start is None else _validate_start(start, metric, rng))
+
+
+def _fit_link(
+    L: np.ndarray, y: np.ndarray, rng: tuple[float, float], anchor: tuple[float, float] | None,
+    start: tuple[float, float, float, float] | None = None,
+) -> SigmoidLink:
+    """:func:`fit_link` of inputs already checked: ``L``, ``y`` ``[m]`` and the score range ``rng`` they lie in."""
     if anchor is not None:
         L, y = np.append(L, anchor[0]), np.append(y, anchor[1])
-    lower, upper = _link_bounds(metric)
-    starts = [_validate_start(start, metric)] if start is not None else _link_starts(L, y, metric)
+    lower, upper = _link_bounds(rng)
+    starts = [start] if start is not None else _link_starts(L, y, rng)
     best = None
     for s in starts:
         p0 = np.clip(_to_params(*s), lower, upper)
@@ -105,6 +117,7 @@ def fit_salience(
     seed: int = 0,
     priors: Sequence[str] | None = None,
     anchor: tuple[float, float] | None = None,
+    score_range: tuple[float, float] | None = None,
 ) -> SalienceVector:
     """Fit token weights and link jointly; choose the regularisation and its prior by cross-validation.
 
@@ -115,9 +128,12 @@ def fit_salience(
             (one group per fold up to 10 groups, else ``n_folds`` folds of groups). Without groups,
             random ``n_folds``-fold CV over checkpoints, which flatters every method when checkpoints of
             one run are correlated. Every fold must leave at least 2 checkpoints to fit on.
-        probe: the probe the losses were computed on; records its fingerprint and answer mask.
+        probe: the probe the losses were computed on; records its fingerprint and answer mask. Without it
+            the vector has no fingerprint: :meth:`SalienceVector.check_probe` refuses it until its
+            ``probe_fingerprint`` is set (after checking that the losses came from that probe).
         answer_mask: bool ``[n]``, the answer tokens for the "label" baseline (default: the probe's).
-        task, metric: names stored in the vector; ``metric="acc"`` requires scores in [0, 1].
+        task, metric: names stored in the vector; ``metric="acc"`` declares the score range [0, 1] (unless
+            ``score_range`` says otherwise), so other scores (e.g. percentages) are an error.
         n_folds: folds when there are more than 10 groups or none: an int >= 2, at most the number of groups
             (or checkpoints, without groups). Default: 5, or one checkpoint per fold with fewer than 5.
         seed: an int >= 0, the seed of the random folds (without groups).
@@ -128,27 +144,35 @@ def fit_salience(
         anchor: ``(loss, score)``, one extra point every link (csv's and the baselines') must fit like a
             checkpoint, e.g. ``(0.0, 1.0)``: a model with zero loss scores 1, as the OLMo ladder's step 2
             assumes. It pins the top of the curve when no fitting checkpoint comes near it. Default: none.
+            Its score must lie in the score range.
+        score_range: ``(lo, hi)``, the scores the metric can take, finite with ``lo < hi``, or
+            ``(-inf, inf)`` for an unbounded score; every score must lie in it. It bounds every link (csv's
+            and the baselines') as the OLMo ladder bounds an accuracy's: ``hi`` in ``[lo, hi]`` of the range and
+            the link's span at most the range's width. Default: [0, 1] for ``metric="acc"``; for any other
+            metric [0, 1] when every score lies in [0, 1] (fractions, e.g. ``acc_norm``), else unbounded.
+            Pass ``(-inf, inf)`` for a metric whose scores happen to lie in [0, 1] but could leave it.
 
     Returns:
-        A :class:`SalienceVector` whose ``fit_report`` holds ``cv_mse`` and ``cv_mae`` for ``"csv"``,
+        A :class:`SalienceVector`, with the score range it was fitted for, whose ``fit_report`` holds ``cv_mse`` and ``cv_mae`` for ``"csv"``,
         ``"uniform"`` (mean loss + link: loss averaging) and, with an answer mask, ``"label"`` (answer-token
         loss + link), all under the same folds, plus the chosen ``prior`` and ``lam`` and the held-out
         predictions. The csv error is honest about those choices: fold f's predictions use the prior and
         ``lam`` that did best on the other folds.
     """
-    X, y, fold_of, answer, priors = _validate_fit_inputs(losses, scores, groups, probe, answer_mask, task, metric,
-                                                         n_folds, seed, priors)
-    anchor = _validate_anchor(anchor, metric)
+    X, y, rng, fold_of, answer, priors = _validate_fit_inputs(losses, scores, groups, probe, answer_mask, task,
+                                                              metric, n_folds, seed, priors, score_range)
+    anchor = _validate_anchor(anchor, rng)
     # One BLAS thread per call throughout: the solver splits its products over threads of its own, and
     # OpenBLAS's two threads, spinning while Python works between calls, were slower everywhere and up to
     # 10x slower on a busy machine (the Gram product at 500 x 1M: 17-21 s vs 2.7 s; BENCHMARKS.md).
     with threadpool_limits(limits=1, user_api="blas"):
-        return _fit(X, y, fold_of, answer, priors, groups is not None, probe, task, metric, anchor)
+        return _fit(X, y, rng, fold_of, answer, priors, groups is not None, probe, task, metric, anchor)
 
 
 def _fit(
-    X: np.ndarray, y: np.ndarray, fold_of: np.ndarray, answer: np.ndarray | None, prior_names: Sequence[str],
-    grouped: bool, probe: ProbeSet | None, task: str, metric: str, anchor: tuple[float, float] | None,
+    X: np.ndarray, y: np.ndarray, rng: tuple[float, float], fold_of: np.ndarray, answer: np.ndarray | None,
+    prior_names: Sequence[str], grouped: bool, probe: ProbeSet | None, task: str, metric: str,
+    anchor: tuple[float, float] | None,
 ) -> SalienceVector:
     m, n = X.shape
     lams = list(_LAMBDA_GRID)
@@ -164,12 +188,12 @@ def _fit(
         cv_pred[name] = np.empty(m)
         for f in range(n_f):
             tr = fold_of != f
-            cv_pred[name][~tr] = fit_link(L[tr], y[tr], metric, anchor)(L[~tr])
+            cv_pred[name][~tr] = _fit_link(L[tr], y[tr], rng, anchor)(L[~tr])
 
     # Per prior, one path per fold plus the final fit's (all rows), all solved together; the final fit at the
     # chosen lam is that path's state there, exactly what a path truncated at that lam would end on.
     trains = [fold_of != f for f in range(n_f)] + [np.ones(m, bool)]
-    paths = _solve_paths(X, centred, y, [(tr, pr) for pr in priors for tr in trains], lams, metric, anchor)
+    paths = _solve_paths(X, centred, y, [(tr, pr) for pr in priors for tr in trains], lams, rng, anchor)
     # path_pred[k * len(lams) + i, j]: prediction for checkpoint j from its fold's fit with priors[k] at lams[i].
     path_pred = np.empty((len(priors) * len(lams), m))
     for k in range(len(priors)):
@@ -213,6 +237,7 @@ def _fit(
         probe_fingerprint=probe.fingerprint if probe is not None else "",
         tokenizer_hash=probe.tokenizer_hash if probe is not None else "",
         fit_report=report,
+        score_range=rng,
     )
     # The range comes from the vector's own float64 weighted_loss, as the callbacks compute it (a row at a time),
     # not from the solver's float32 products, which put the fitting set's own extremes about 1e-7 outside it.
@@ -308,8 +333,8 @@ class _Path:
     same matrix and :class:`_LockStep` can serve all of them with one pass.
     """
 
-    def __init__(self, centred: _Centred, y: np.ndarray, train: np.ndarray, prior: _Prior, n: int, metric: str,
-                 anchor: tuple[float, float] | None) -> None:
+    def __init__(self, centred: _Centred, y: np.ndarray, train: np.ndarray, prior: _Prior, n: int,
+                 rng: tuple[float, float], anchor: tuple[float, float] | None) -> None:
         self.train, self.y, self.prior, self.anchor = train, y[train], prior, anchor
         self.y_fit = self.y if anchor is None else np.append(self.y, anchor[1])  # the scores the link fits
         self.B = _whitening(centred.gram[np.ix_(train, train)], n)  # [r, m_train]
@@ -318,8 +343,8 @@ class _Path:
         # tolerances are scale-free.
         self.row_w = 1.0 / len(self.y) / max(float(np.var(self.y)), 1e-12)
         # The link at w = p, where the path starts.
-        link = fit_link(prior.mean_loss(centred)[train], self.y, metric, anchor)
-        lower, upper = _link_bounds(metric)
+        link = _fit_link(prior.mean_loss(centred)[train], self.y, rng, anchor)
+        lower, upper = _link_bounds(rng)
         self.bounds = Bounds(np.concatenate([np.full(self.r, -np.inf), lower]),
                              np.concatenate([np.full(self.r, np.inf), upper]))
         self.x0 = np.concatenate([np.zeros(self.r), np.clip(_to_params(link.lo, link.hi, link.k, link.L0), lower, upper)])
@@ -363,10 +388,10 @@ class _Path:
 
 def _solve_paths(
     X: np.ndarray, centred: _Centred, y: np.ndarray, specs: Sequence[tuple[np.ndarray, _Prior]], lams: Sequence[float],
-    metric: str, anchor: tuple[float, float] | None,
+    rng: tuple[float, float], anchor: tuple[float, float] | None,
 ) -> list[list[_State]]:
     """The path over ``lams`` of each (training-row mask, prior), all solved in lock step (one thread per path)."""
-    paths = [_Path(centred, y, tr, prior, X.shape[1], metric, anchor) for tr, prior in specs]
+    paths = [_Path(centred, y, tr, prior, X.shape[1], rng, anchor) for tr, prior in specs]
     # The products are split over _SHARDS column ranges in threads of our own (each one BLAS thread, see
     # fit_salience): on these skinny products that beat OpenBLAS's own two threads.
     with ThreadPoolExecutor(_SHARDS) as pool:
@@ -566,10 +591,12 @@ def _matvec(a: np.ndarray, M: np.ndarray) -> np.ndarray:
 
 # ---------------------------------------------------------------------- link parameterisation
 # Optimised as p = (span, L0, k, hi) with lo = hi - span: the OLMo ladder's (a = -span, L0, k, b = hi),
-# whose box bounds keep an accuracy curve inside [0, 1] at its low-loss end.
-def _link_bounds(metric: str) -> tuple[np.ndarray, np.ndarray]:
-    if metric == "acc":
-        return np.array([0.0, 0.0, 1e-8, 0.0]), np.array([1.0, np.inf, np.inf, 1.0])
+# whose box bounds keep an accuracy curve inside [0, 1] at its low-loss end; a bounded score range (a, b)
+# scales that box (for (0, 1) it is the ladder's, to the bit).
+def _link_bounds(rng: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
+    a, b = rng
+    if rng != UNBOUNDED:
+        return np.array([0.0, 0.0, 1e-8, a]), np.array([b - a, np.inf, np.inf, b])
     return np.array([0.0, -np.inf, 1e-8, -np.inf]), np.array([np.inf, np.inf, np.inf, np.inf])
 
 
@@ -582,13 +609,14 @@ def _to_link(p: np.ndarray) -> SigmoidLink:
     return SigmoidLink(lo=hi - span, hi=hi, k=k, L0=L0)
 
 
-def _link_starts(L: np.ndarray, y: np.ndarray, metric: str) -> list[tuple[float, float, float, float]]:
+def _link_starts(L: np.ndarray, y: np.ndarray, rng: tuple[float, float]) -> list[tuple[float, float, float, float]]:
     spread = float(np.std(L)) or 1.0
     data = (float(y.min()), float(y.max()), 4.0 / spread, float(np.median(L)))
-    if metric != "acc":
+    if rng == UNBOUNDED:
         return [data]
-    chance = float(np.clip(y.min(), 0.0, 1.0))
-    return [data, (chance, 1.0, 3.0, 0.9)]
+    a, b = rng
+    chance = float(np.clip(y.min(), a, b))
+    return [data, (chance, b, 3.0, 0.9)]
 
 
 def _link_eval(p: np.ndarray, L: np.ndarray, grad: bool = False):
@@ -608,7 +636,7 @@ def _link_jac(p: np.ndarray, L: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------- validation and folds
-def _validate_fit_inputs(losses, scores, groups, probe, answer_mask, task, metric, n_folds, seed, priors):
+def _validate_fit_inputs(losses, scores, groups, probe, answer_mask, task, metric, n_folds, seed, priors, score_range):
     require_str(task, "task")
     if n_folds is not None:
         require_int(n_folds, "n_folds", 2)
@@ -625,7 +653,7 @@ def _validate_fit_inputs(losses, scores, groups, probe, answer_mask, task, metri
             f"fit_salience needs at least {_MIN_LINK_POINTS + 1} checkpoints, got {m}: cross-validation holds "
             f"checkpoints out and each link is fitted to at least {_MIN_LINK_POINTS}."
         )
-    _check_scores(y, metric)
+    rng = _score_range(y, metric, score_range)
     if probe is not None and probe.n_tokens != n:
         raise ProbeMismatchError(
             f"losses have {n} tokens per row but the probe {probe.fingerprint} has {probe.n_tokens}; "
@@ -640,43 +668,58 @@ def _validate_fit_inputs(losses, scores, groups, probe, answer_mask, task, metri
             raise ValueError(f"answer_mask must be bool of shape ({n},), got {answer.dtype} {answer.shape}.")
         if not answer.any():
             answer = None  # a plain-text probe has no answer tokens: no "label" baseline
-    return X, y, _folds(m, groups, n_folds, seed), answer, _prior_names(priors, answer)
+    return X, y, rng, _folds(m, groups, n_folds, seed), answer, _prior_names(priors, answer)
 
 
-def _check_scores(y: np.ndarray, metric: str) -> None:
-    """``metric`` must be a name; for ``"acc"`` the scores ``[m]`` must be fractions."""
+def _score_range(y: np.ndarray, metric: str, declared: Any) -> tuple[float, float]:
+    """The score range of scores ``y`` ``[m]`` of ``metric`` (a name): ``declared``, else the one the metric's
+    name declares, else inferred: [0, 1] when every score lies in it, else unbounded. Scores outside a declared
+    range are an error."""
     require_str(metric, "metric")
-    if metric == "acc" and ((y < 0) | (y > 1)).any():
+    if declared is not None:
+        rng, source = check_score_range(declared), f"score_range={declared!r}"
+    else:
+        rng, source = named_score_range(metric), f"metric {metric!r}"
+        if rng is None:
+            return FRACTION if ((y >= 0) & (y <= 1)).all() else UNBOUNDED
+    a, b = rng
+    if ((y < a) | (y > b)).any():
         raise ValueError(
-            f"metric 'acc' needs scores in [0, 1], got range [{y.min():.4g}, {y.max():.4g}]; "
-            "pass fractions, not percentages, or name another metric."
+            f"{source} needs scores in [{a:g}, {b:g}], got range [{y.min():.4g}, {y.max():.4g}]; pass fractions, "
+            "not percentages, or declare the range the scores can take with score_range=(lo, hi) (fit "
+            "--score-range LO HI)."
         )
+    return rng
 
 
-def _validate_start(start: Any, metric: str) -> tuple[float, float, float, float]:
-    """``start`` as ``(lo, hi, k, L0)``: a valid link inside ``metric``'s bounds, which least squares requires."""
+def _validate_start(start: Any, metric: str, rng: tuple[float, float]) -> tuple[float, float, float, float]:
+    """``start`` as ``(lo, hi, k, L0)``: a valid link inside the bounds of score range ``rng``, which least
+    squares requires."""
     lo, hi, k, L0 = as_float_tuple(start, "start", 4, "a (lo, hi, k, L0) tuple of 4 numbers")
     try:
         SigmoidLink(lo, hi, k, L0)
     except ValueError as e:
         raise ValueError(f"start={start!r} is not a valid link: {e}") from None
-    lower, upper = _link_bounds(metric)
+    lower, upper = _link_bounds(rng)
     p = _to_params(lo, hi, k, L0)
     outside = [f"{name}={v:.4g} not in [{a:g}, {b:g}]"
                for name, v, a, b in zip(("hi - lo", "L0", "k", "hi"), p, lower, upper) if not a <= v <= b]
     if outside:
-        raise ValueError(f"start={start!r} is outside the bounds of metric {metric!r}: {'; '.join(outside)}.")
+        raise ValueError(f"start={start!r} is outside the bounds of metric {metric!r}: {'; '.join(outside)} "
+                         f"(score range [{rng[0]:g}, {rng[1]:g}]).")
     return lo, hi, k, L0
 
 
-def _validate_anchor(anchor: Any, metric: str) -> tuple[float, float] | None:
+def _validate_anchor(anchor: Any, rng: tuple[float, float]) -> tuple[float, float] | None:
+    """``anchor`` as a ``(loss, score)`` pair, its score in the score range ``rng``."""
     if anchor is None:
         return None
     loss, score = as_float_tuple(anchor, "anchor", 2, "a (loss, score) pair of numbers, e.g. (0.0, 1.0)")
     if not (math.isfinite(loss) and math.isfinite(score)) or loss < 0:
         raise ValueError(f"anchor must be a finite loss >= 0 and a finite score, got {anchor!r}.")
-    if metric == "acc" and not 0.0 <= score <= 1.0:
-        raise ValueError(f"metric 'acc' needs the anchor's score in [0, 1], got {score}.")
+    if not rng[0] <= score <= rng[1]:
+        raise ValueError(f"the anchor's score must be in [{rng[0]:g}, {rng[1]:g}], the score range, got {score}; "
+                         "pass one the metric can take, or declare its range with score_range=(lo, hi).")
     return loss, score
 
 

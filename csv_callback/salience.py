@@ -2,6 +2,11 @@
 
 ``score = lo + (hi - lo) * sigmoid(-k * (L - L0))`` with ``L = sum_i w_i * loss_i``, ``w >= 0``,
 ``sum(w) = 1`` and ``k > 0``: the score falls from ``hi`` (low loss) to ``lo`` (high loss).
+
+A vector records the range its scores can take (``score_range``): ``(a, b)`` for a bounded score such as an
+accuracy (``(0, 1)``), ``(-inf, inf)`` for an unbounded one. A bounded range bounds the link as the OLMo
+ladder's fit bounds an accuracy: ``hi`` in ``[a, b]`` and ``hi - lo`` at most ``b - a``, so no prediction
+exceeds ``b`` and none falls below ``2a - b``; a vector whose link breaks that is refused, whoever wrote it.
 """
 
 from __future__ import annotations
@@ -17,13 +22,40 @@ import numpy as np
 import torch
 from scipy.special import expit
 
-from ._checks import as_float_array, as_float_tuple, require_str
+from safetensors import SafetensorError, safe_open
+
+from ._checks import as_float_array, as_float_tuple, parse_json, require_json_depth, require_str
 from .probe import ProbeMismatchError, ProbeSet, atomic_save, malformed_file, read_safetensors
 
-FORMAT = "csv_callback.salience/1"
-_META_KEYS = ("link", "task", "metric", "probe_fingerprint", "tokenizer_hash", "loss_range", "fit_report")
+# Format 2 added score_range; format 1 files are still read (see SalienceVector.score_range for their range).
+FORMAT = "csv_callback.salience/2"
+_FORMAT_1 = "csv_callback.salience/1"
+_META_KEYS_1 = ("link", "task", "metric", "probe_fingerprint", "tokenizer_hash", "loss_range", "fit_report")
+_META_KEYS = (*_META_KEYS_1, "score_range")
 _LINK_KEYS = ("lo", "hi", "k", "L0")
 _RANGE_RTOL = 1e-9
+# fit_salience's reports nest 3 levels; the limit keeps json.dumps and the report's walks clear of Python's
+# recursion limit, wherever in a deep call stack (a Trainer's callbacks) a vector is loaded or saved.
+_REPORT_DEPTH = 32
+FRACTION = (0.0, 1.0)
+UNBOUNDED = (-math.inf, math.inf)
+
+
+def named_score_range(metric: str) -> tuple[float, float] | None:
+    """The score range a metric's name declares: ``FRACTION`` for ``"acc"`` (lm-eval-harness's accuracy, the
+    default metric here), else None (the name says nothing about the range)."""
+    return FRACTION if metric == "acc" else None
+
+
+def check_score_range(value: Any, name: str = "score_range") -> tuple[float, float]:
+    """``value`` as a score range: ``(a, b)`` with finite ``a < b``, or ``(-inf, inf)`` for an unbounded score."""
+    a, b = as_float_tuple(value, name, 2, "a (lo, hi) pair of numbers, e.g. (0, 1)")
+    if (a, b) != UNBOUNDED and not (math.isfinite(a) and math.isfinite(b) and a < b):
+        raise ValueError(
+            f"{name} must be (lo, hi) with finite lo < hi, or (-inf, inf) for an unbounded score, got {value!r}; "
+            "a half-bounded range bounds no link, so declare (-inf, inf) for one."
+        )
+    return a, b
 
 
 @dataclass(frozen=True)
@@ -46,6 +78,24 @@ class SigmoidLink:
             raise ValueError(f"SigmoidLink needs k > 0 (a score that falls as loss rises), got k={self.k}.")
         if not self.hi >= self.lo:
             raise ValueError(f"SigmoidLink needs hi >= lo, got lo={self.lo}, hi={self.hi}.")
+        if not math.isfinite(self.hi - self.lo):  # every score would be inf or NaN
+            raise ValueError(f"SigmoidLink needs a finite hi - lo, got lo={self.lo}, hi={self.hi}, whose difference "
+                             "overflows float64.")
+
+    def check_range(self, score_range: tuple[float, float]) -> None:
+        """Raise ValueError unless this link fits ``score_range`` (checked with :func:`check_score_range`): within
+        a bounded ``(a, b)``, ``hi`` lies in ``[a, b]`` and ``hi - lo`` is at most ``b - a``, the bounds
+        :func:`~csv_callback.fit.fit_link` fits within; any link fits an unbounded range."""
+        a, b = score_range
+        if (a, b) == UNBOUNDED:
+            return
+        slack = _RANGE_RTOL * (b - a)  # fit_link's lo is hi - span: hi - lo can round a few ulps past span
+        if not (a - slack <= self.hi <= b + slack and self.hi - self.lo <= b - a + slack):
+            raise ValueError(
+                f"link lo={self.lo:.6g}, hi={self.hi:.6g} does not fit the score range [{a:g}, {b:g}]: its scores "
+                f"reach {self.hi:.6g} and {self.lo:.6g}, but a link of that range has hi in [{a:g}, {b:g}] and "
+                f"hi - lo <= {b - a:g}; re-fit the vector (fit_salience bounds its link by the score range)"
+            )
 
     def __call__(self, loss: np.ndarray | float) -> np.ndarray:
         """Score(s) for loss(es) of any shape."""
@@ -60,10 +110,15 @@ class SalienceVector:
         weights: float64 ``[n_tokens]``, non-negative, summing to 1.
         link: the weighted loss -> score map.
         task, metric: what the score is (e.g. ``"arc_easy"``, ``"acc"``).
-        probe_fingerprint: :attr:`ProbeSet.fingerprint` of the probe the weights index.
+        probe_fingerprint: :attr:`ProbeSet.fingerprint` of the probe the weights index; ``""`` (a vector fitted
+            with ``probe=None``) matches no probe: :meth:`check_probe` refuses it.
         tokenizer_hash: vocabulary hash of the probe's tokenizer.
         loss_range: (min, max) weighted loss seen in fitting; predictions outside it extrapolate.
-        fit_report: how the vector was fitted (JSON-serialisable), e.g. cross-validated errors.
+        fit_report: how the vector was fitted (JSON-serialisable, at most ``_REPORT_DEPTH`` levels deep), e.g.
+            cross-validated errors.
+        score_range: (lo, hi) the scores can take, which bounds the link (see the module docstring). None, as in
+            files written before the range was recorded, means the range ``metric`` names: ``(0, 1)`` for
+            ``"acc"``, else ``(-inf, inf)``, the range such a vector was fitted for.
     """
 
     weights: np.ndarray
@@ -74,6 +129,7 @@ class SalienceVector:
     tokenizer_hash: str = ""
     loss_range: tuple[float, float] = (-math.inf, math.inf)
     fit_report: dict[str, Any] = field(default_factory=dict)
+    score_range: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         w = as_float_array(self.weights, "weights", 1, fix="re-fit the vector")
@@ -99,6 +155,11 @@ class SalienceVector:
             require_str(getattr(self, name), name, allow_empty=True)
         if not isinstance(self.fit_report, dict):
             raise ValueError(f"fit_report must be a dict, got {type(self.fit_report).__name__}.")
+        require_json_depth(self.fit_report, "fit_report", _REPORT_DEPTH)
+        if self.score_range is None:
+            self.score_range = named_score_range(self.metric) or UNBOUNDED
+        self.score_range = check_score_range(self.score_range)
+        self.link.check_range(self.score_range)
         self.weights = w
         self.loss_range = (lo, hi)
 
@@ -107,10 +168,15 @@ class SalienceVector:
         return len(self.weights)
 
     def check_probe(self, probe: ProbeSet) -> None:
-        """Raise :class:`ProbeMismatchError` unless this vector was fitted on ``probe``."""
-        if probe.n_tokens != self.n_tokens or (self.probe_fingerprint and probe.fingerprint != self.probe_fingerprint):
+        """Raise :class:`ProbeMismatchError` unless this vector was fitted on ``probe``.
+
+        A vector without a fingerprint (fitted with ``probe=None``) is refused too: nothing shows which probe
+        its weights index, and any probe of the same length would otherwise pass.
+        """
+        self._require_fingerprint(probe.fingerprint)
+        if probe.n_tokens != self.n_tokens or probe.fingerprint != self.probe_fingerprint:
             raise ProbeMismatchError(
-                f"salience vector {self.task!r} was fitted on probe {self.probe_fingerprint or '?'} with "
+                f"salience vector {self.task!r} was fitted on probe {self.probe_fingerprint} with "
                 f"{self.n_tokens} tokens, but the probe given is {probe.fingerprint} with {probe.n_tokens} tokens; "
                 "use the probe file shipped with the vector, or refit the vector on this probe."
             )
@@ -118,14 +184,17 @@ class SalienceVector:
     def weighted_loss(self, losses: Any, fingerprint: str | None = None) -> np.ndarray | float:
         """Salience-weighted loss of ``losses`` ``[n_tokens]`` (a float) or ``[m, n_tokens]`` (``[m]``).
 
-        ``fingerprint``, when given, is the probe fingerprint the losses were computed on; a mismatch raises
-        :class:`ProbeMismatchError`. NaN/inf losses raise ValueError.
+        ``fingerprint``, when given, is the probe fingerprint the losses were computed on; a mismatch, or a
+        vector without a fingerprint (see :meth:`check_probe`), raises :class:`ProbeMismatchError`. NaN/inf
+        losses raise ValueError.
         """
-        if fingerprint is not None and self.probe_fingerprint and fingerprint != self.probe_fingerprint:
-            raise ProbeMismatchError(
-                f"these losses come from probe {fingerprint}, but salience vector {self.task!r} was fitted on "
-                f"probe {self.probe_fingerprint}; compute the losses on the vector's own probe."
-            )
+        if fingerprint is not None:
+            self._require_fingerprint(fingerprint)
+            if fingerprint != self.probe_fingerprint:
+                raise ProbeMismatchError(
+                    f"these losses come from probe {fingerprint}, but salience vector {self.task!r} was fitted on "
+                    f"probe {self.probe_fingerprint}; compute the losses on the vector's own probe."
+                )
         x = as_float_array(losses, "losses", (1, 2))
         if x.shape[-1] != self.n_tokens:
             raise ProbeMismatchError(
@@ -134,6 +203,17 @@ class SalienceVector:
             )
         wl = x @ self.weights
         return float(wl) if x.ndim == 1 else wl
+
+    def _require_fingerprint(self, against: str) -> None:
+        """Raise :class:`ProbeMismatchError` if this vector has no probe fingerprint to compare with probe
+        ``against``'s: the one rule for unfingerprinted vectors, which everything that checks a probe follows."""
+        if not self.probe_fingerprint:
+            raise ProbeMismatchError(
+                f"salience vector {self.task!r} has no probe fingerprint (it was fitted with probe=None), so nothing "
+                f"shows that it belongs to probe {against}; re-fit it with fit_salience(..., probe=probe), or, after "
+                "checking that it was fitted on this probe's losses, set vector.probe_fingerprint = probe.fingerprint "
+                "(and save it)."
+            )
 
     def predict(self, losses: Any, fingerprint: str | None = None) -> np.ndarray | float:
         """Predicted score for ``losses`` ``[n_tokens]`` (a float) or ``[m, n_tokens]`` (``[m]``)."""
@@ -165,22 +245,25 @@ class SalienceVector:
             "tokenizer_hash": self.tokenizer_hash,
             "loss_range": list(self.loss_range),
             "fit_report": self.fit_report,
+            "score_range": list(self.score_range),
         }
         atomic_save({"weights": torch.from_numpy(self.weights)}, {"format": FORMAT, "json": json.dumps(meta)}, path)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "SalienceVector":
-        """Read a vector written by :meth:`save`.
+        """Read a vector written by :meth:`save`, or by a version that wrote format 1 (no ``score_range``).
 
         Raises FileNotFoundError for a missing file and ValueError naming the file for anything else: not a
-        safetensors file, another format, or a vector whose metadata or weights are malformed.
+        safetensors file, another format, or a vector whose metadata or weights are malformed, including a link
+        outside the vector's score range.
         """
-        tensors, raw = read_safetensors(path, FORMAT, ("weights",))
+        fmt = _FORMAT_1 if _declared_format(path) == _FORMAT_1 else FORMAT
+        tensors, raw = read_safetensors(path, fmt, ("weights",))
         with malformed_file(path, "salience vector", "re-fit or re-save it"):
             if "json" not in raw:
                 raise ValueError("its metadata has no 'json' entry")
-            meta = json.loads(raw["json"])
-            _require_keys(meta, _META_KEYS, "its metadata")
+            meta = parse_json(raw["json"], "its metadata")
+            _require_keys(meta, _META_KEYS_1 if fmt == _FORMAT_1 else _META_KEYS, "its metadata")
             _require_keys(meta["link"], _LINK_KEYS, "its link")
             weights = tensors["weights"]
             if weights.dtype != torch.float64:  # save() writes float64; anything else was written by another tool
@@ -190,8 +273,20 @@ class SalienceVector:
     def __repr__(self) -> str:
         return (
             f"SalienceVector(task={self.task!r}, metric={self.metric!r}, n_tokens={self.n_tokens}, "
-            f"probe={self.probe_fingerprint!r}, link={self.link})"
+            f"probe={self.probe_fingerprint!r}, link={self.link}, score_range={self.score_range})"
         )
+
+
+def _declared_format(path: str | os.PathLike) -> str | None:
+    """The format ``path``'s header declares, or None when it has none or cannot be read (read_safetensors then
+    says why). Only the header is read, and only from a regular file: opening a FIFO would block."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("format")
+    except (SafetensorError, OSError, ValueError):
+        return None
 
 
 def _require_keys(obj: Any, keys: tuple[str, ...], what: str) -> None:

@@ -138,6 +138,7 @@ def test_fit_is_bit_reproducible(ladder, fitted):
 def test_a_path_does_not_depend_on_the_paths_solved_with_it(ladder):
     """The folds' paths run in lock step with batched products; a path alone gives the identical result."""
     from csv_callback.fit import _LAMBDA_GRID, _centre, _Prior, _solve_paths
+    from csv_callback.salience import FRACTION
 
     X, y = ladder.losses, ladder.scores
     centred = _centre(X, ladder.salient)
@@ -145,8 +146,8 @@ def test_a_path_does_not_depend_on_the_paths_solved_with_it(ladder):
     train = ladder.groups != ladder.groups[0]
     for prior, other in ((uniform, answer), (answer, uniform)):
         others = [(np.ones(len(y), bool), other), (~train, prior), (train, other)]
-        together = _solve_paths(X, centred, y, [(train, prior)] + others, _LAMBDA_GRID[:3], "acc", None)[0]
-        alone = _solve_paths(X, centred, y, [(train, prior)], _LAMBDA_GRID[:3], "acc", None)[0]
+        together = _solve_paths(X, centred, y, [(train, prior)] + others, _LAMBDA_GRID[:3], FRACTION, None)[0]
+        alone = _solve_paths(X, centred, y, [(train, prior)], _LAMBDA_GRID[:3], FRACTION, None)[0]
         for a, b in zip(together, alone):
             assert np.array_equal(a.coef, b.coef) and np.array_equal(a.loss, b.loss) and a.link == b.link
 
@@ -322,3 +323,101 @@ def test_fit_link_bad_input(ladder, n, scale, kwargs, match):
     loss, scores = ladder.losses.mean(1)[:n], ladder.scores[:n] * scale
     with pytest.raises(ValueError, match=match):
         fit_link(loss, scores, **kwargs)
+
+
+def test_fraction_scores_get_the_bounded_link_whatever_the_metric_is_named(ladder, fitted):
+    """The same [0, 1] scores named acc_norm got lo=-127, hi=1.47 (predictions 1.07 at zero loss, -4.5 at 10):
+    the bounds came from the name "acc". Scores all in [0, 1] are fractions, whatever the metric's name."""
+    L = ladder.losses.mean(1, dtype=np.float64)
+    acc = fit_link(L, ladder.scores)
+    for metric in ("acc_norm", "exact_match"):
+        assert fit_link(L, ladder.scores, metric) == acc
+    grid = acc(np.linspace(0.0, 10.0, 101))
+    assert grid.min() >= 0.0 and grid.max() <= 1.0
+    norm = fit_salience(ladder.losses, ladder.scores, groups=ladder.groups, answer_mask=ladder.salient, task="syn",
+                        metric="acc_norm")
+    assert norm.metric == "acc_norm" and norm.score_range == fitted.score_range == (0.0, 1.0)
+    assert np.array_equal(norm.weights, fitted.weights) and norm.link == fitted.link
+    assert norm.fit_report["cv_pred"] == fitted.fit_report["cv_pred"]
+
+
+def test_declared_score_range_bounds_the_link_and_is_recorded(ladder):
+    L, y = ladder.losses.mean(1, dtype=np.float64), ladder.scores
+    fraction = fit_link(L, y)
+    percent = fit_link(L, 100 * y, "acc_norm", score_range=(0, 100))
+    for name in ("lo", "hi"):
+        assert getattr(percent, name) == pytest.approx(100 * getattr(fraction, name), rel=1e-6)
+    for name in ("k", "L0"):
+        assert getattr(percent, name) == pytest.approx(getattr(fraction, name), rel=1e-6)
+    assert 0 <= percent.hi <= 100 and percent.hi - percent.lo <= 100
+    # Undeclared scores outside [0, 1] have no known range: the link is unbounded, and the vector says so.
+    assert fit_link(L, 100 * y, "acc_norm").lo < -1000
+    few = slice(0, 12)
+    sv = fit_salience(ladder.losses[few], 100 * y[few], metric="acc_norm", score_range=(0, 100))
+    assert sv.score_range == (0.0, 100.0) and 0 <= sv.link.hi <= 100 and sv.link.hi - sv.link.lo <= 100
+    assert fit_salience(ladder.losses[few], 100 * y[few], metric="acc_norm").score_range == (-math.inf, math.inf)
+    # A fraction metric that could leave [0, 1] (a score difference, say) opts out of the inference.
+    free = fit_link(L, y, "acc_delta", score_range=(-math.inf, math.inf))
+    assert free.hi > 1 and free.lo < -100
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"score_range": (0, 0.5)}, r"score_range=\(0, 0.5\) needs scores in \[0, 0.5\], got range .*score_range=\(lo, hi\)"),
+        ({"score_range": (0, math.inf)}, "a half-bounded range bounds no link"),
+        ({"score_range": (1, 0)}, r"score_range must be \(lo, hi\) with finite lo < hi"),
+        ({"score_range": (math.nan, 1)}, "finite lo < hi"),
+        ({"score_range": "01"}, r"score_range must be a \(lo, hi\) pair of numbers"),
+        ({"score_range": (0, 2), "anchor": (0.0, 3.0)}, r"the anchor's score must be in \[0, 2\], the score range"),
+        ({"metric": "acc_norm", "anchor": (0.0, 1.5)}, r"must be in \[0, 1\], the score range, got 1.5; .*score_range"),
+    ],
+)
+def test_bad_score_range(ladder, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        fit_salience(ladder.losses, ladder.scores, groups=ladder.groups, **kwargs)
+    with pytest.raises(ValueError, match=match):
+        fit_link(ladder.losses.mean(1), ladder.scores, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def text_probe(tokenizer):
+    return ProbeSet.from_texts(["The probe of the command line fit, a few words long.", "Another line of it."],
+                               tokenizer, 64)
+
+
+def test_cli_fit_takes_a_score_range(tmp_path, text_probe, capsys):
+    """`fit --metric acc_norm --score-range 0 100` on percentages: the vector's link and range are the range's."""
+    from csv_callback.cli import main
+    from csv_callback.store import LossStore
+
+    lad = synthetic_ladder(n_tokens=text_probe.n_tokens, n_salient=4, checkpoints_per_mixture=4, seed=2)
+    store = LossStore(tmp_path / "store", text_probe)
+    rows = ["checkpoint,score"]
+    for i, (losses, score, group) in enumerate(zip(lad.losses, lad.scores, lad.groups)):
+        store.write(f"{group}-{i}", losses, step=i)
+        rows.append(f"{group}-{i},{float(100 * score)!r}")
+    (tmp_path / "scores.csv").write_text("\n".join(rows) + "\n")
+    args = ["fit", str(tmp_path / "store"), "--task", "t", "--metric", "acc_norm", "--scores",
+            str(tmp_path / "scores.csv"), "--groups", "re:^([^-]+)-"]
+    assert main([*args, "--score-range", "0", "100", "--out", str(tmp_path / "pct.safetensors")]) == 0
+    sv = SalienceVector.load(tmp_path / "pct.safetensors")
+    assert sv.score_range == (0.0, 100.0) and 0 <= sv.link.hi <= 100 and sv.link.hi - sv.link.lo <= 100
+    sv.check_probe(text_probe)
+    assert main([*args, "--score-range", "0", "50", "--out", str(tmp_path / "bad.safetensors")]) == 2
+    assert "needs scores in [0, 50]" in capsys.readouterr().err
+    assert not (tmp_path / "bad.safetensors").exists()
+
+
+def test_a_vector_fitted_without_a_probe_is_refused_by_check_probe(text_probe):
+    """fit_salience(probe=None) writes a vector with no fingerprint; it used to pass check_probe against any
+    probe of the same length."""
+    rng = np.random.default_rng(0)
+    losses = rng.uniform(1, 4, (8, text_probe.n_tokens))
+    scores = 0.3 + 0.5 / (1 + np.exp(2 * (losses.mean(1) - 2.5)))
+    sv = fit_salience(losses, scores)
+    assert sv.probe_fingerprint == ""
+    with pytest.raises(ProbeMismatchError, match=r"no probe fingerprint .*fit_salience\(\.\.\., probe=probe\)"):
+        sv.check_probe(text_probe)
+    sv.probe_fingerprint = text_probe.fingerprint  # the documented way out, once the losses are known to match
+    sv.check_probe(text_probe)

@@ -55,7 +55,7 @@ def test_save_load_is_bit_exact(tmp_path):
     back = SalienceVector.load(tmp_path / "v.safetensors")
     assert back.weights.dtype == np.float64 and np.array_equal(back.weights, sv.weights)
     assert back.link == sv.link
-    for name in ("task", "metric", "probe_fingerprint", "tokenizer_hash", "loss_range", "fit_report"):
+    for name in ("task", "metric", "probe_fingerprint", "tokenizer_hash", "loss_range", "fit_report", "score_range"):
         assert getattr(back, name) == getattr(sv, name)
 
 
@@ -114,7 +114,7 @@ def test_corrupt_files(tmp_path, tokenizer):
     with pytest.raises(ValueError, match="not a readable .safetensors"):
         SalienceVector.load(tmp_path / "cut.safetensors")
     ProbeSet.from_texts(["a probe, not a vector"], tokenizer, 64).save(tmp_path / "probe.safetensors")
-    with pytest.raises(ValueError, match="not a 'csv_callback.salience/1' file"):
+    with pytest.raises(ValueError, match="not a 'csv_callback.salience/2' file"):
         SalienceVector.load(tmp_path / "probe.safetensors")
     with pytest.raises(ValueError, match="not a 'csv_callback.probe/1' file"):
         ProbeSet.load(tmp_path / "v.safetensors")
@@ -210,3 +210,108 @@ def test_display_refuses_another_tokenizer(tmp_path, tokenizer, other_tokenizer)
         write_report(sv, tmp_path / "report", probe=probe, tokenizer=other_tokenizer)
     assert not (tmp_path / "report").exists()  # failed before writing anything
     assert "most salient tokens" in salience_html(sv, probe, tokenizer)  # its own tokenizer is fine
+
+
+@pytest.mark.parametrize(
+    "link, score_range, reason",
+    [
+        ({"lo": -3.0, "hi": 4.0}, None, r"link lo=-3, hi=4 does not fit the score range \[0, 1\]"),
+        ({"lo": -0.5, "hi": 0.9}, None, r"hi - lo <= 1"),  # a span wider than the range
+        ({"lo": 50.0, "hi": 90.0}, [0, 1], "does not fit the score range"),  # a percentage link on fractions
+        ({"lo": -1e308, "hi": 1e308}, None, "finite hi - lo"),
+        ({"lo": -1e308, "hi": 1e308}, [-math.inf, math.inf], "finite hi - lo"),  # would predict inf or NaN
+        ({"lo": 0.2, "hi": 0.9}, [0, math.inf], "half-bounded"),
+        ({"lo": 0.2, "hi": 0.9}, "wide", r"score_range must be a \(lo, hi\) pair"),
+    ],
+)
+def test_link_outside_the_score_range_is_refused_naming_the_file(tmp_path, link, score_range, reason):
+    """A crafted "acc" vector with lo=-3, hi=4 predicted -1.6 and 1.5 as accuracies, unflagged."""
+
+    def craft(meta):
+        meta = {**meta, "link": {**meta["link"], **link}}
+        return meta if score_range is None else {**meta, "score_range": score_range}
+
+    path = _variant(tmp_path, "crafted.safetensors", meta_json=craft)
+    pattern = f"{re.escape(str(path))} is not a valid csv_callback salience vector file: .*{reason}.*; re-fit"
+    with pytest.raises(ValueError, match=pattern):
+        SalienceVector.load(path)
+
+
+def test_the_score_range_bounds_every_vector_built():
+    good = make_vector()
+    assert good.score_range == (0.0, 1.0)  # named by metric "acc"
+    with pytest.raises(ValueError, match=r"does not fit the score range \[0, 1\].*; re-fit the vector"):
+        SalienceVector(**{**good.__dict__, "link": SigmoidLink(-3.0, 4.0, 1.0, 2.0)})
+    # An unbounded metric's link may take any (finite) values, and predicts finite scores far from its centre.
+    free = SalienceVector(**{**good.__dict__, "metric": "logprob", "score_range": None,
+                             "link": SigmoidLink(-1e300, 1e300, 1.0, 2.0)})
+    assert free.score_range == (-math.inf, math.inf)
+    assert np.isfinite(free.predict(np.array([[0.0] * 5, [100.0] * 5]))).all()
+    percent = SalienceVector(**{**good.__dict__, "score_range": (0, 100), "link": SigmoidLink(25.0, 90.0, 3.0, 2.5)})
+    assert percent.score_range == (0.0, 100.0)
+
+
+def _format_1_file(path, metric):
+    """A vector file as csv-callback wrote it before the score range was recorded (format 1)."""
+    sv = make_vector()
+    meta = {"link": {"lo": 0.25, "hi": 0.9, "k": 3.0, "L0": 2.5}, "task": "arc_easy", "metric": metric,
+            "probe_fingerprint": "abc123", "tokenizer_hash": "tok", "loss_range": [1.5, 3.5],
+            "fit_report": {"cv_mse": {"csv": 1e-3}}}
+    save_file({"weights": torch.from_numpy(sv.weights)}, str(path),
+              metadata={"format": "csv_callback.salience/1", "json": json.dumps(meta)})
+    return sv
+
+
+@pytest.mark.parametrize("metric, score_range", [("acc", (0.0, 1.0)), ("acc_norm", (-math.inf, math.inf))])
+def test_format_1_files_load_with_the_range_their_metric_names(tmp_path, metric, score_range):
+    """Old "acc" vectors were fitted within [0, 1], old vectors of other metrics without bounds."""
+    sv = _format_1_file(tmp_path / "old.safetensors", metric)
+    old = SalienceVector.load(tmp_path / "old.safetensors")
+    assert old.score_range == score_range and old.metric == metric and old.link == sv.link
+    losses = np.random.default_rng(0).uniform(0, 5, (7, 5))
+    assert np.array_equal(old.predict(losses), sv.predict(losses))
+    old.save(tmp_path / "new.safetensors")  # re-saved in the current format, with the range
+    with safe_open(str(tmp_path / "new.safetensors"), framework="pt") as f:
+        assert f.metadata()["format"] == "csv_callback.salience/2"
+    assert SalienceVector.load(tmp_path / "new.safetensors").score_range == score_range
+
+
+def test_shipped_vectors_load_with_their_range_and_probe():
+    from pathlib import Path
+
+    assets = Path(__file__).resolve().parents[1] / "examples" / "assets"
+    probe = ProbeSet.load(assets / "probe.safetensors")
+    for path in sorted(assets.glob("ladder_*.safetensors")):
+        sv = SalienceVector.load(path)
+        assert sv.score_range == (0.0, 1.0)
+        sv.check_probe(probe)
+
+
+def test_vector_without_a_fingerprint_is_refused_where_a_probe_is_given(tokenizer):
+    probe = ProbeSet.from_texts(["one two three four five six"], tokenizer, 64)
+    sv = make_vector(n=probe.n_tokens, fingerprint="")
+    fix = r"has no probe fingerprint .*re-fit it with fit_salience\(\.\.\., probe=probe\).*probe_fingerprint = probe"
+    with pytest.raises(ProbeMismatchError, match=fix):
+        sv.check_probe(probe)
+    with pytest.raises(ProbeMismatchError, match=fix):
+        sv.predict(np.ones(probe.n_tokens), fingerprint=probe.fingerprint)
+    assert isinstance(sv.predict(np.ones(probe.n_tokens)), float)  # no probe given: nothing to check against
+
+
+def _nested(depth: int) -> str:
+    return '{"a": ' * depth + "1" + "}" * depth
+
+
+@pytest.mark.parametrize("depth, reason", [(100_000, "its metadata is JSON nested too deeply for Python to parse"),
+                                           (200, "fit_report nests objects and lists more than 32 levels deep")])
+def test_deeply_nested_fit_report_is_refused_naming_the_file(tmp_path, depth, reason):
+    """A fit_report nested 100000 deep raised RecursionError from json.loads; one nested 200 deep loaded and
+    could raise it later, in json.dumps or a report's walk."""
+    make_vector().save(tmp_path / "good.safetensors")
+    with safe_open(str(tmp_path / "good.safetensors"), framework="pt") as f:
+        meta = json.loads(f.metadata()["json"])
+    text = json.dumps({**meta, "fit_report": "REPORT"}).replace('"REPORT"', _nested(depth))
+    path = _variant(tmp_path, "nested.safetensors", raw_json=text)
+    pattern = f"{re.escape(str(path))} is not a valid csv_callback salience vector file: {reason}; re-fit"
+    with pytest.raises(ValueError, match=pattern):
+        SalienceVector.load(path)
