@@ -3,21 +3,31 @@
 Layout of a store directory (written by ``SalienceCallback(save_dir=...)`` and ``csv-callback collect``)::
 
     <dir>/probe.safetensors                     the probe the losses index (ProbeSet.save)
+    <dir>/run.json                              the training run that writes the store (training callbacks only):
+                                                {"format": "csv_callback.run/1", "run_id": "<id>"}
     <dir>/losses/<name>.safetensors             one checkpoint: tensor "losses" float32 [n_tokens]
                                                 metadata: format, name, step, tokens_seen, fingerprint, extra (JSON)
+
+A training callback opens its store with the id of its run (``LossStore(root, probe, run_id)``): a fresh
+run claims a new directory by writing ``run.json``, a resumed run restores its id and finds its own, and a
+directory holding another run's losses is refused (:class:`RunMismatchError`), so two runs never mix their
+steps in one store. ``csv-callback collect`` and readers open stores without a run id and check none.
 
 One file per checkpoint, each written to a temporary file and renamed into place, means a crash or a full
 disk can lose at most the checkpoint being written, never one already saved; re-writing a checkpoint (a
 resumed run re-evaluating a step) replaces it instead of duplicating it, but another checkpoint whose name
 maps to the same file name never does. :func:`load_losses` reads the whole store as an ``[m, n]`` matrix in
-one call, checking every file against the store's probe.
+one call, checking every file against the store's probe. Only regular files are read (a FIFO would block the
+reader), and opening a store deletes the temporary files writers killed mid-write left behind.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,12 +37,20 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from ._checks import as_float_array
-from .probe import ProbeMismatchError, ProbeSet, atomic_save
+from ._checks import as_float_array, require_str
+from .probe import (NAME_MAX, ProbeMismatchError, ProbeSet, atomic_save, atomic_write, remove_stale_temps,
+                    require_regular_file)
 
 FORMAT = "csv_callback.losses/1"
+RUN_FORMAT = "csv_callback.run/1"
+_SUFFIX = ".safetensors"
+_INT64 = range(-(2**63), 2**63)  # steps are returned as int64
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._=-]+")
 _FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}  # safetensors dtype names a loss file may hold (written: F32)
+
+
+class RunMismatchError(ValueError):
+    """A training run opened a loss store that another run writes (see the module docstring)."""
 
 
 @dataclass
@@ -58,38 +76,111 @@ class LossTable:
 
 def file_name(name: str) -> str:
     """The file name of checkpoint ``name`` in a store: each run of characters other than letters, digits and
-    ``._=-`` (``/`` included) becomes one ``_``, so ``"runA/step 1"`` and ``"runA_step_1"`` share a file."""
-    return f"{_SAFE_NAME.sub('_', name)}.safetensors"
+    ``._=-`` (``/`` included) becomes one ``_``, so ``"runA/step 1"`` and ``"runA_step_1"`` share a file.
+
+    A name that would give a file name longer than a filesystem allows (255 bytes) is cut, and the first 16
+    hex digits of the SHA-256 of the whole name are appended: ``<first 226 characters>-<hash>.safetensors``.
+    The file's metadata keeps the whole name.
+    """
+    safe = _SAFE_NAME.sub("_", name)  # ASCII only: one byte per character
+    if len(safe) + len(_SUFFIX) <= NAME_MAX:
+        return safe + _SUFFIX
+    digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+    return f"{safe[: NAME_MAX - len(_SUFFIX) - len(digest) - 1]}-{digest}{_SUFFIX}"
 
 
 class LossStore:
-    """A directory of per-checkpoint loss files for one probe (see the module docstring)."""
+    """A directory of per-checkpoint loss files for one probe (see the module docstring).
 
-    def __init__(self, root: str | os.PathLike, probe: ProbeSet | None = None) -> None:
+    Args:
+        root: the store's directory, created (with ``probe.safetensors``) if ``probe`` is given.
+        probe: the probe the losses are of; None to open an existing store as it is.
+        run_id: the training run that writes the store (a fresh id for a fresh run, the restored one for a
+            resumed run); None (``collect``, readers) checks and writes no run. A store holding another
+            run's losses, or loss files of no recorded run, raises :class:`RunMismatchError`.
+    """
+
+    def __init__(self, root: str | os.PathLike, probe: ProbeSet | None = None, run_id: str | None = None) -> None:
         self.root = Path(root)
+        self._probe = probe
+        self._run_id = None if run_id is None else require_str(run_id, "LossStore: run_id")
         self.fingerprint = probe.fingerprint if probe is not None else None
         self.n_tokens = probe.n_tokens if probe is not None else None
+        for d in (self.root, self.root / "losses"):
+            remove_stale_temps(d)
+        claim = self._run_id is not None and self._check_run()
         probe_file = self.root / "probe.safetensors"
-        if probe is not None:
-            if probe_file.exists():
-                stored = ProbeSet.load(probe_file)
-                if stored.fingerprint != probe.fingerprint:
-                    raise ProbeMismatchError(
-                        f"{self.root} holds losses of probe {stored.fingerprint}, not of probe {probe.fingerprint}; "
-                        "use a new directory for a new probe."
-                    )
-            else:
-                try:
-                    (self.root / "losses").mkdir(parents=True, exist_ok=True)
-                    probe.save(probe_file)
-                except OSError as e:  # root is a file, lies under a file, or is not writable
-                    raise ValueError(
-                        f"cannot create the loss store {self.root} ({e.strerror or e}); choose a directory path that is "
-                        "not a file and that you can write to."
-                    ) from e
-        elif probe_file.exists():
+        write_probe = probe is not None and not probe_file.exists()
+        if probe_file.exists():
             stored = ProbeSet.load(probe_file)
-            self.fingerprint, self.n_tokens = stored.fingerprint, stored.n_tokens
+            if probe is None:
+                self.fingerprint, self.n_tokens = stored.fingerprint, stored.n_tokens
+            elif stored.fingerprint != probe.fingerprint:
+                raise ProbeMismatchError(
+                    f"{self.root} holds losses of probe {stored.fingerprint}, not of probe {probe.fingerprint}; "
+                    "use a new directory for a new probe."
+                )
+        if write_probe or claim:
+            self._create(write_probe)
+
+    @property
+    def run_id(self) -> str | None:
+        """The run the store was opened for, None when opened without one."""
+        return self._run_id
+
+    def _check_run(self) -> bool:
+        """True if the store is this run's to claim (it holds no loss files and no ``run.json``), False if it is
+        already this run's; raise :class:`RunMismatchError` if it holds another run's losses."""
+        run_file = self.root / "run.json"
+        held = _read_run(run_file) if os.path.lexists(run_file) else None
+        if held == self._run_id:
+            return False
+        if held is None and not any((self.root / "losses").glob("*" + _SUFFIX)):
+            return True
+        writer = f"run {held!r} (recorded in {run_file})" if held is not None else (
+            f"a run that recorded no run id ({run_file} is missing: csv-callback collect, or an older csv-callback)")
+        raise RunMismatchError(
+            f"{self.root} holds the losses of {writer}, and run {self._run_id!r} would mix its own steps into them. "
+            f"A fresh run needs a save_dir of its own; to continue that run, resume it from one of its checkpoints "
+            f"(which restores its run id); or delete {self.root} to start over."
+        )
+
+    def _create(self, write_probe: bool) -> None:
+        """Write what a new store holds: ``losses/``, ``probe.safetensors`` (if ``write_probe``) and ``run.json``
+        (if the store is opened with a run id)."""
+        try:
+            (self.root / "losses").mkdir(parents=True, exist_ok=True)
+            if write_probe:
+                self._probe.save(self.root / "probe.safetensors")
+            if self._run_id is not None:
+                record = {"format": RUN_FORMAT, "run_id": self._run_id}
+                atomic_write(json.dumps(record).encode() + b"\n", self.root / "run.json")
+        except OSError as e:  # root is a file, lies under a file, is not writable, or its disk is full
+            raise ValueError(
+                f"cannot create the loss store {self.root} ({e.strerror or e}); choose a directory path that is "
+                "not a file, that you can write to, on a disk with free space."
+            ) from e
+
+    def _recreate_if_gone(self) -> None:
+        """Recreate the store whole if its ``probe.safetensors`` disappeared since it was opened (``save_dir``
+        deleted mid-run), warning once per disappearance; without a probe to recreate it from, raise."""
+        probe_file = self.root / "probe.safetensors"
+        if probe_file.exists():
+            return
+        if self._probe is None:
+            raise FileNotFoundError(
+                f"{probe_file} has disappeared since the store was opened, and the store was opened without a probe "
+                f"to write it again; put the probe back, or open the store with LossStore({str(self.root)!r}, probe)."
+            )
+        self._create(True)
+        warnings.warn(
+            f"the loss store {self.root} had disappeared (its probe.safetensors was gone: the directory was deleted or "
+            "emptied while a run was writing to it); it is recreated with its probe"
+            + (" and run.json" if self._run_id is not None else "")
+            + ", but the loss files saved in it before are lost: later steps are saved as usual.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
     def path_for(self, name: str) -> Path:
         """The file checkpoint ``name`` is stored in (see :func:`file_name`)."""
@@ -123,6 +214,7 @@ class LossStore:
         """
         if self.fingerprint is None:
             raise ValueError(f"{self.root} has no probe.safetensors; open the store with LossStore(root, probe).")
+        self._recreate_if_gone()
         arr = as_float_array(losses, f"losses of {name!r}", 1, dtype=np.float32)
         if len(arr) != self.n_tokens:
             raise ValueError(
@@ -136,6 +228,8 @@ class LossStore:
                 "names give that file name (a store keeps only letters, digits and '._=-'). Rename one of them."
             )
         try:
+            if step is not None and int(step) not in _INT64:
+                raise ValueError(f"step={step} does not fit int64")
             meta = {
                 "format": FORMAT,
                 "name": name,
@@ -145,8 +239,8 @@ class LossStore:
                 "extra": json.dumps(extra or {}),
             }
         except (TypeError, ValueError) as e:
-            raise ValueError(f"the metadata of {name!r} cannot be stored ({e}); pass an int step, a float tokens_seen "
-                             "and an extra dict of JSON values.") from e
+            raise ValueError(f"the metadata of {name!r} cannot be stored ({e}); pass an int step (within int64), a float "
+                             "tokens_seen and an extra dict of JSON values.") from e
         path = self.path_for(name)
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_save({"losses": torch.from_numpy(arr)}, meta, path)
@@ -178,6 +272,8 @@ def load_losses(
     ]
     files, heads, expected = [], [], fingerprint
     for r, label in zip(roots, labels):
+        for d in (r, r / "losses"):
+            remove_stale_temps(d)
         found = sorted((r / "losses").glob("*.safetensors"))
         if not found:
             raise ValueError(f"{r} holds no loss files (expected {r / 'losses' / '*.safetensors'}).")
@@ -227,7 +323,7 @@ def _check_against_probe(root: Path, fingerprint: str, files: list[Path], heads:
     """Raise unless the loss files of store ``root`` belong to, and have the length of, its probe.safetensors
     (when it has one: a store copied without it is still readable)."""
     probe_file = root / "probe.safetensors"
-    if not probe_file.is_file():
+    if not os.path.lexists(probe_file):
         return
     meta, shape, _ = _tensor_header(probe_file, "answer_mask")
     if meta.get("fingerprint") != fingerprint:
@@ -252,6 +348,8 @@ def _read_header(path: Path) -> dict[str, Any]:
     try:
         if meta.get("format") != FORMAT:
             raise ValueError(f"format={meta.get('format')!r}")
+        if int(meta["step"]) not in _INT64:
+            raise ValueError(f"step={meta['step']} does not fit int64")
         head = {
             "name": meta["name"],
             "step": int(meta["step"]),
@@ -271,6 +369,7 @@ def _read_header(path: Path) -> dict[str, Any]:
 
 def _tensor_header(path: Path, tensor: str) -> tuple[dict[str, str], list[int], str]:
     """Metadata, and shape and dtype of ``tensor``, of a .safetensors file, without reading any tensor data."""
+    require_regular_file(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             part = f.get_slice(tensor)
@@ -278,3 +377,17 @@ def _tensor_header(path: Path, tensor: str) -> tuple[dict[str, str], list[int], 
     except Exception as e:  # safetensors raises its own types for truncated headers; all mean the same here
         raise ValueError(f"{path} is not a readable .safetensors file with a {tensor!r} tensor ({e}); it is truncated "
                          "or of another format: delete it, or write it again.") from e
+
+
+def _read_run(path: Path) -> str:
+    """The run id recorded in a store's ``run.json``."""
+    try:
+        record = json.loads(require_regular_file(path).read_text())
+        if not isinstance(record, dict) or record.get("format") != RUN_FORMAT:
+            raise ValueError(f"it is not a {RUN_FORMAT!r} JSON object")
+        return require_str(record.get("run_id"), "its run_id")
+    except (OSError, ValueError) as e:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(
+            f"{path} is not a readable record of the run that writes {path.parent} ({e}); it is corrupt or not "
+            f"csv-callback's: use a new save_dir, or delete {path.parent} to start over."
+        ) from e
