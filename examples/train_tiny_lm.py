@@ -17,16 +17,27 @@ Everything is local and offline; it takes about two minutes on a CPU core. Needs
 from __future__ import annotations
 
 import argparse
+import functools
+import logging
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if __name__ == "__main__":
+    # The console shows the demo's own progress lines, not the libraries'. tqdm reads TQDM_* defaults when it is
+    # imported, so this comes before the imports below: lm-eval's request building and the datasets library
+    # draw bars that have no off switch of their own. transformers' only message says GPT2LMHeadModel's class
+    # name names no loss type, so the causal-LM loss is used: the right one.
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT / "examples" / "assets"
@@ -39,9 +50,35 @@ from csv_callback.callback import SalienceCallback  # noqa: E402
 from train import SIZES, LadderLM  # noqa: E402
 from world import TASKS, Mixture, World  # noqa: E402
 
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
 # Shares of the training lines per capability source; the ladder's mixtures are general (2% each), one
 # source at 30%, balanced (10%), capable (20%), two sources at 20%, sums at 50%: this one is none of them.
 DEMO_MIXTURE = Mixture("demo", facts=0.15, arith=0.25, pattern=0.06)
+
+
+def quiet_libraries() -> None:
+    """Silence what the libraries print on their own in the demo's process; csv_callback's warnings still show.
+
+    Lightning's info lines (accelerators, a LitLogger tip, why fit stopped), lm-eval's notes on being handed a
+    model object, W&B's notices (``anonymous`` is deprecated, and Lightning's WandbLogger always passes it), and
+    a deprecation inside Lightning that torch 2.13 reports at every validation.
+    """
+    import wandb
+
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)
+    wandb.setup(wandb.Settings(silent=True))
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning,
+                            module=r"lightning\.pytorch\.utilities\._pytree")
+
+
+def describe(mixture: Mixture) -> str:
+    """The mixture in words: "facts 15%, arith 25%, pattern 6%, general text 54% of the training lines"."""
+    shares = mixture.shares()
+    parts = [f"{source} {share:.0%}" for source, share in shares.items()] + [f"general text {1 - sum(shares.values()):.0%}"]
+    return ", ".join(parts) + " of the training lines"
 
 
 class LmEvalAccuracy(pl.Callback):
@@ -57,6 +94,7 @@ class LmEvalAccuracy(pl.Callback):
         self.world, self.every, self.lm_eval = world, every, lm_eval
         self.tasks = TaskManager(include_path=str(world.write_tasks(task_dir)), include_defaults=False)
         self.rows: list[dict] = []
+        self.seconds: list[float] = []  # wall time of each lm-eval run, aligned with rows
         self._validations = 0
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: LadderLM) -> None:
@@ -67,13 +105,36 @@ class LmEvalAccuracy(pl.Callback):
             return
         from lm_eval.models.huggingface import HFLM
 
+        start = time.perf_counter()
         lm = HFLM(pretrained=pl_module.model, tokenizer=self.world.tokenizer, batch_size=64, device=str(pl_module.device))
+        # simple_evaluate cannot turn off the model's progress bars; the model API's disable_tqdm can.
+        lm.loglikelihood = functools.partial(lm.loglikelihood, disable_tqdm=True)
         results = self.lm_eval.simple_evaluate(model=lm, tasks=list(TASKS), task_manager=self.tasks,
-                                               bootstrap_iters=0, verbosity="ERROR")["results"]
+                                               bootstrap_iters=0)["results"]
         acc = {t: float(results[t]["acc,none"]) for t in TASKS}
         for t, v in acc.items():
             pl_module.log(f"lmeval/{t}/acc", v)
         self.rows.append({"step": trainer.global_step, **acc})
+        self.seconds.append(time.perf_counter() - start)
+
+
+class Progress(pl.Callback):
+    """One console line per validation: the step, the time since ``start``, and lm-eval's time when it ran.
+
+    Placed after ``measure`` in the Trainer's callbacks, so this validation's lm-eval run has been recorded.
+    """
+
+    def __init__(self, measure: LmEvalAccuracy, start: float) -> None:
+        self.measure, self.start = measure, start
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: LadderLM) -> None:
+        if trainer.sanity_checking:
+            return
+        step, last = trainer.global_step, trainer.max_steps
+        line = f"  step {step:>{len(str(last))}}/{last} {time.time() - self.start:6.0f} s  predicted"
+        if self.measure.rows and self.measure.rows[-1]["step"] == step:
+            line += f"; lm-eval-harness measured in {self.measure.seconds[-1]:.0f} s"
+        print(line, flush=True)
 
 
 def print_table(history: list[dict], measured: list[dict]) -> None:
@@ -89,8 +150,8 @@ def print_table(history: list[dict], measured: list[dict]) -> None:
           f"MSE {sum(e * e for e in err) / len(err):.2e}, MAE {sum(abs(e) for e in err) / len(err):.3f}")
 
 
-def plot(history: list[dict], measured: list[dict], path: Path) -> None:
-    """Predicted accuracy over training (lines) and lm-eval's measurements (dots), per task."""
+def plot(history: list[dict], measured: list[dict], path: Path) -> Figure:
+    """Predicted accuracy over training (lines) and lm-eval's measurements (dots), per task; returns the figure."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -104,11 +165,13 @@ def plot(history: list[dict], measured: list[dict], path: Path) -> None:
                    edgecolor="k", zorder=3, label=f"{t}: lm-eval")
     ax.axhline(0.25, color="grey", lw=0.8, ls=":")
     ax.set(xlabel="training step", ylabel="accuracy", ylim=(0, 1),
-           title=f"unseen mixture {DEMO_MIXTURE.shares()}: predicted vs measured")
+           title=f"Predicted vs lm-eval-harness accuracy on an unseen mixture:\n{describe(DEMO_MIXTURE)}")
     ax.title.set_fontsize(9)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return fig
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -136,16 +199,21 @@ def main(argv: list[str] | None = None) -> dict:
     predict = SalienceCallback(vectors, ASSETS / "probe.safetensors", batch_size=32, save_dir=args.out / "probe_losses",
                                model_attr="model")
     measure = LmEvalAccuracy(world, args.out / "tasks", args.lmeval_every)
+    progress = Progress(measure, t0)
     if args.no_wandb:
         logger = pl.loggers.CSVLogger(str(args.out), name="csv")
     else:
         logger = pl.loggers.WandbLogger(save_dir=str(args.out), offline=True, project="csv-callback-demo")
     trainer = pl.Trainer(max_epochs=len(steps), max_steps=steps[-1], accelerator="auto", devices=1, logger=logger,
-                         callbacks=[predict, measure], enable_checkpointing=False, enable_progress_bar=False,
+                         callbacks=[predict, measure, progress], enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, num_sanity_val_steps=0, reload_dataloaders_every_n_epochs=1,
                          log_every_n_steps=50, default_root_dir=str(args.out))
-    print(f"training {args.size} on the unseen mixture {DEMO_MIXTURE.shares()} for {steps[-1]} steps; predicting "
-          f"{', '.join(v.stem for v in vectors)} every {args.val_every} steps", flush=True)
+    params = sum(p.numel() for p in module.model.parameters())
+    tasks = ", ".join(t.removeprefix("ladder_") for t in TASKS)
+    print(f"Training GPT-2 {args.size} ({params:,} parameters) for {steps[-1]} steps on a data mixture the shipped "
+          f"vectors never saw:\n  {describe(DEMO_MIXTURE)}.\nPredicting {tasks} accuracy from the probe at every "
+          f"validation (every {args.val_every} steps);\nlm-eval-harness measures it every {args.lmeval_every} "
+          "validations and at the end.", flush=True)
     trainer.fit(module)
 
     print_table(predict.history, measure.rows)
@@ -159,4 +227,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
+    quiet_libraries()
     main()

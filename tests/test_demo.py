@@ -4,18 +4,20 @@ Needs the optional extra: ``pip install -e ".[lmeval]"``.
 """
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from offline_helpers import one_torch_thread
+from offline_helpers import one_torch_thread, subprocess_env
 
 pytest.importorskip("lm_eval")
 pytest.importorskip("accelerate")  # lm-eval's "hf" model backend
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT / "examples" / "assets"
+DEMO = ROOT / "examples" / "train_tiny_lm.py"
 sys.path.insert(0, str(ROOT / "benchmarks" / "ladder"))
 sys.path.insert(0, str(ROOT / "examples"))
 
@@ -69,3 +71,31 @@ def test_demo_streams_predictions_and_lm_eval_accuracy_to_wandb(demo):
         preds = [r["pred"] for r in result["history"] if r["task"] == task]
         assert summary[f"csv/{task}/pred"] == {"max": pytest.approx(max(preds), abs=1e-6)}
         assert summary[f"lmeval/{task}/acc"] == pytest.approx(last[task])
+
+
+def test_demo_png_title_names_the_mixture_in_words(demo, tmp_path):
+    import train_tiny_lm
+
+    _, result = demo
+    title = train_tiny_lm.plot(result["history"], result["measured"], tmp_path / "plot.png").axes[0].get_title()
+    assert "{" not in title and "facts 15%, arith 25%, pattern 6%, general text 54% of the training lines" in title
+
+
+def test_demo_console_is_progress_lines_and_the_table(tmp_path):
+    # As the README runs it (a fresh process, from the clone); 2 validations, lm-eval at the last.
+    run = subprocess.run([sys.executable, str(DEMO), "--out", str(tmp_path / "demo_run"), "--size", "s1", "--steps", "40",
+                          "--val-every", "20", "--threads", "1"], cwd=ROOT, env=subprocess_env(), capture_output=True,
+                         text=True, timeout=900)
+    assert run.returncode == 0, run.stderr
+    # Nothing but our own output: no progress bars, library notices or third-party deprecations on stderr.
+    assert run.stderr == ""
+    lines = [line for line in run.stdout.splitlines() if line.strip()]
+    assert lines[0].startswith("Training GPT-2 s1 (") and "for 40 steps" in lines[0]
+    assert lines[1] == "  facts 15%, arith 25%, pattern 6%, general text 54% of the training lines."
+    assert lines[2].startswith("Predicting facts, arith, pattern accuracy") and lines[3].startswith("lm-eval-harness")
+    assert re.fullmatch(r"  step 20/40 +\d+ s  predicted", lines[4]), lines[4]
+    assert re.fullmatch(r"  step 40/40 +\d+ s  predicted; lm-eval-harness measured in \d+ s", lines[5]), lines[5]
+    assert lines[6].split() == ["step", "facts", "pred", "lm-eval", "arith", "pred", "lm-eval", "pattern", "pred", "lm-eval"]
+    assert [line.split()[0] for line in lines[7:9]] == ["20", "40"] and len(lines[8].split()) == 7
+    assert lines[9].startswith("prediction vs lm-eval over 1 evaluations") and lines[10].startswith("done in ")
+    assert len(lines) == 11, run.stdout
