@@ -7,8 +7,10 @@ lm-eval-harness (>= 0.4) writes one ``results_<timestamp>.json`` per run under
 before). This module reads exactly that; it does not import lm-eval.
 
 A results file is matched to a checkpoint of a loss store by the recorded model path (``collect`` stores
-each checkpoint's resolved path as ``extra["path"]``), by the checkpoint name, or by an explicit mapping
-CSV with columns ``model,checkpoint``.
+each checkpoint's resolved path as ``extra["path"]``), by the checkpoint name, by the checkpoint's name
+within its store together with where the file lies (runs whose results all record ``step-...``: the file
+belongs to the store in the same run directory), or by an explicit mapping CSV with columns
+``model,checkpoint``. Only regular files are read: a FIFO named ``results_*.json`` would block forever.
 
 :func:`write_multiple_choice_task` writes the other side: a local custom task that lm-eval runs offline.
 """
@@ -16,10 +18,13 @@ CSV with columns ``model,checkpoint``.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
 import re
+import reprlib
+import stat
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,11 +149,22 @@ def read_score(
     if key not in entry:
         have = sorted(k for k in entry if "," in k and not k.split(",")[0].endswith("_stderr"))
         raise ScoresError(f"{source}: task {task!r} has no {key!r}; it has {have} (pass --metric / --filter).")
-    value = entry[key]
-    # A bool is an int to Python but no metric value; True would read as a score of 1.0.
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ScoresError(f"{source}: {task} {key} is {value!r}, not a finite number.")
-    return float(value)
+    value = _finite(entry[key])
+    if value is None:
+        raise ScoresError(f"{source}: {task} {key} is {reprlib.repr(entry[key])}, not a finite number.")
+    return value
+
+
+def _finite(value: Any) -> float | None:
+    """``value`` as a finite float; None for a bool (an int to Python, but True is no score of 1.0), a
+    non-number, NaN, inf, or an int beyond the float range (JSON allows ``10**400``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        x = float(value)
+    except OverflowError:
+        return None
+    return x if math.isfinite(x) else None
 
 
 def find_results_files(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> list[tuple[Path, bool]]:
@@ -164,7 +180,7 @@ def find_results_files(paths: str | os.PathLike | Iterable[str | os.PathLike]) -
             if not found:
                 raise ScoresError(f"{p}: no results_*.json below this directory (lm-eval's --output_path).")
             out += [(f, False) for f in found]
-        elif p.is_file():
+        elif p.exists():  # anything but a regular file is refused when it is read
             out.append((p, True))
         else:
             raise ScoresError(f"{p}: no such results file or directory.")
@@ -179,6 +195,7 @@ def scores_from_lmeval(
     metric: str = "acc",
     filter: str = "none",
     mapping: Mapping[str, str] | None = None,
+    checkpoint_stores: Sequence[tuple[str | os.PathLike, str]] | None = None,
 ) -> list[Score]:
     """Scores of ``task`` from lm-eval results files, each assigned to one of ``checkpoints``.
 
@@ -189,19 +206,17 @@ def scores_from_lmeval(
         checkpoints: ``[m]`` checkpoint names (e.g. ``LossTable.names``).
         checkpoint_paths: ``[m]`` each checkpoint's model path (``extra["path"]`` of a collected store),
             or None where unknown.
-        mapping: recorded model (as lm-eval wrote it) -> checkpoint name; overrides path/name matching.
+        mapping: recorded model (as lm-eval wrote it) -> checkpoint name; overrides the matching below.
+        checkpoint_stores: ``[m]`` each checkpoint's loss store directory and its name within that store
+            (``step-000001000`` for ``runA/losses/step-000001000`` of ``load_losses([...])``). A file whose
+            recorded model is such a name belongs to the checkpoint whose store's parent directory (the run
+            directory) holds the file: every run's results may then record the same ``step-...`` names.
 
-    Raises ScoresError for a missing task or metric, a model that matches no checkpoint, or two files
-    scoring one checkpoint.
+    A recorded model is matched, in this order, to a checkpoint path, a checkpoint name, and a name within
+    a store by location. Raises ScoresError for a missing task or metric, a model that matches no
+    checkpoint (or, by location, several), or two files scoring one checkpoint.
     """
-    if checkpoint_paths is not None and len(checkpoint_paths) != len(checkpoints):
-        raise ValueError(f"checkpoint_paths has {len(checkpoint_paths)} entries for {len(checkpoints)} checkpoints; "
-                         "give one path (or None) per checkpoint.")
-    by_path = {}
-    for name, p in zip(checkpoints, checkpoint_paths or [None] * len(checkpoints)):
-        if p:
-            by_path[_norm(p)] = name
-    names = set(checkpoints)
+    matcher = _Matcher(checkpoints, checkpoint_paths, checkpoint_stores, mapping)
     seen: dict[str, Score] = {}
     skipped = []
     for file, explicit in find_results_files(paths):
@@ -210,8 +225,7 @@ def scores_from_lmeval(
             skipped.append(file)
             continue
         value = read_score(doc, task, metric, filter, str(file))
-        model = recorded_model(doc)
-        name = _match(model, file, mapping, by_path, names)
+        name = matcher.match(recorded_model(doc), file)
         if name in seen:
             raise ScoresError(
                 f"checkpoint {name!r} is scored twice for {task!r}: {seen[name].source} and {file}; "
@@ -258,11 +272,11 @@ def read_mapping(path: str | os.PathLike) -> dict[str, str]:
 def read_csv(path: str | os.PathLike, required: Sequence[str]) -> list[dict[str, str]]:
     """Rows of a headed CSV file; ScoresError if it is missing or lacks a ``required`` column."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise ScoresError(f"{path}: no such CSV file.")
     rows = []
     try:
-        with path.open(newline="", encoding="utf-8") as f:
+        with io.StringIO(_read_text(path, "CSV"), newline="") as f:
             reader = csv.DictReader(f)
             missing = [c for c in required if c not in (reader.fieldnames or [])]
             if missing:
@@ -276,6 +290,8 @@ def read_csv(path: str | os.PathLike, required: Sequence[str]) -> list[dict[str,
                 rows.append(row)
     except (UnicodeDecodeError, csv.Error) as e:
         raise ScoresError(f"{path} is not a UTF-8 CSV file ({e}); save it as UTF-8 text.") from None
+    except OSError as e:
+        raise ScoresError(f"{path}: cannot read this CSV file ({e.strerror or e}).") from None
     if not rows:
         raise ScoresError(f"{path}: no rows after the header.")
     return rows
@@ -283,12 +299,28 @@ def read_csv(path: str | os.PathLike, required: Sequence[str]) -> list[dict[str,
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        doc = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        doc = json.loads(_read_text(path, "lm-eval results"))
+    except ScoresError:
+        raise
+    except RecursionError:
+        raise ScoresError(f"{path}: JSON nested too deeply to be an lm-eval results file; pass lm-eval's own "
+                          "results_*.json files.") from None
+    except (OSError, ValueError) as e:  # ValueError: not UTF-8, not JSON, or an integer of over 4300 digits
         raise ScoresError(f"{path}: not a readable JSON file ({e}).") from e
     if not isinstance(doc, dict):
         raise ScoresError(f"{path}: not an lm-eval results file (top level is not an object).")
     return doc
+
+
+def _read_text(path: Path, what: str) -> str:
+    """The UTF-8 text of ``path`` (a leading byte-order mark, as Excel writes, dropped); ScoresError unless it
+    is a regular file. Opened without blocking and checked on the open descriptor, so a FIFO (or a symlink to
+    one) cannot hang the read, even if it replaces the file after a check by name."""
+    with open(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise ScoresError(f"{path} is not a regular file (a FIFO, socket or device); give the {what} file "
+                              "itself.")
+        return f.read().decode("utf-8-sig")
 
 
 def _tasks(doc: Mapping[str, Any]) -> list[str]:
@@ -301,19 +333,58 @@ def _norm(path: str) -> str:
     return os.path.realpath(os.path.expanduser(path))
 
 
-def _match(model: str | None, file: Path, mapping, by_path: dict[str, str], names: set[str]) -> str:
-    """The checkpoint a results file belongs to, or ScoresError saying how to tell."""
-    if mapping is not None:
-        if model in mapping:
-            return mapping[model]
-        raise ScoresError(f"{file}: model {model!r} is not in the mapping file; add a row '{model},<checkpoint>'.")
-    if model is None:
-        raise ScoresError(f"{file} records no model path; pass a mapping CSV (columns model,checkpoint).")
-    if _norm(model) in by_path:
-        return by_path[_norm(model)]
-    if model in names:
-        return model
-    raise ScoresError(
-        f"{file}: the model {model!r} matches no collected checkpoint (by path or name); "
-        "collect it first, or pass a mapping CSV with columns model,checkpoint."
-    )
+class _Matcher:
+    """Which checkpoint a results file belongs to (see :func:`scores_from_lmeval`)."""
+
+    def __init__(
+        self,
+        checkpoints: Sequence[str],
+        paths: Sequence[str | None] | None,
+        stores: Sequence[tuple[str | os.PathLike, str]] | None,
+        mapping: Mapping[str, str] | None,
+    ) -> None:
+        m = len(checkpoints)
+        for arg, given in (("checkpoint_paths", paths), ("checkpoint_stores", stores)):
+            if given is not None and len(given) != m:
+                raise ValueError(f"{arg} has {len(given)} entries for {m} checkpoints; give one per checkpoint.")
+        self.mapping = mapping
+        self.names = set(checkpoints)
+        self.by_path: dict[str, str] = {}
+        for name, p in zip(checkpoints, paths or [None] * m):
+            if p is None:
+                continue
+            if not isinstance(p, str):  # read from a loss file's metadata, which anyone can write
+                raise ScoresError(f"checkpoint {name!r} records the model path {reprlib.repr(p)}, not a string; its "
+                                  "loss file was not written by csv-callback: re-collect that checkpoint.")
+            if p:
+                self.by_path[_norm(p)] = name
+        # name within its store -> [(run directory, checkpoint name)]
+        self.by_local: dict[str, list[tuple[Path, str]]] = {}
+        for name, (store, local) in zip(checkpoints, stores or []):
+            self.by_local.setdefault(local, []).append((Path(store).resolve().parent, name))
+
+    def match(self, model: str | None, file: Path) -> str:
+        """The checkpoint ``file`` (recording ``model``) belongs to, or ScoresError saying how to tell."""
+        if self.mapping is not None:
+            if model in self.mapping:
+                return self.mapping[model]
+            raise ScoresError(f"{file}: model {model!r} is not in the mapping file; add a row '{model},<checkpoint>'.")
+        if model is None:
+            raise ScoresError(f"{file} records no model path; pass a mapping CSV (columns model,checkpoint).")
+        if _norm(model) in self.by_path:
+            return self.by_path[_norm(model)]
+        if model in self.names:
+            return model
+        where = Path(file).resolve().parents
+        near = [name for run, name in self.by_local.get(model, []) if run in where]
+        if len(near) == 1:
+            return near[0]
+        if near:
+            raise ScoresError(f"{file}: the model {model!r} could be checkpoint {near[0]!r} or {near[1]!r}, whose "
+                              "loss stores share a run directory that holds this file; pass a mapping CSV with "
+                              "columns model,checkpoint.")
+        raise ScoresError(
+            f"{file}: the model {model!r} matches no collected checkpoint (by path, by name, or by name in a loss "
+            "store of the run directory holding this file); collect it first, or pass a mapping CSV with columns "
+            "model,checkpoint."
+        )
