@@ -25,18 +25,30 @@ import numpy as np
 from ._rows import weighted_losses
 from .fit import PRIORS, fit_salience
 from .probe import ProbeMismatchError, ProbeSet
+from .salience import SalienceVector
 from .store import LossStore, LossTable, load_losses
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the console script; returns the exit code (2 for bad input, 130 when interrupted)."""
+    """Entry point of the console script; returns the exit code (2 for bad input, 1 when the system fails, e.g.
+    a full disk, 130 when interrupted, 141 when the reader of its output has gone, as after SIGPIPE)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.func(args) or 0
+        code = args.func(args) or 0
+        sys.stdout.flush()  # a reader that has gone away shows here, not in the interpreter's exit flush
+        return code
+    except BrokenPipeError:
+        # `csv-callback predict ... | head`: the reader has what it wanted. Point stdout at devnull so the exit
+        # flush of what is still buffered cannot fail again, and exit as a process ended by SIGPIPE does.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except (ValueError, FileNotFoundError) as e:
         print(f"csv-callback {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # the machine, not the input: a full disk, a lost mount
+        print(f"csv-callback {args.command}: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"csv-callback {args.command}: interrupted; everything finished so far is saved, "
               "re-run the same command to continue.", file=sys.stderr)
@@ -196,7 +208,8 @@ def cmd_collect(args: argparse.Namespace) -> int:
 
     from .collect import check_loadable, check_tokenizers, collect, import_class, resolve_checkpoints, resolve_device
 
-    # Everything that can fail is checked before the store directory is created or a model is run.
+    # Everything that can fail is checked before a model is run; collect creates the store directory only once
+    # the first checkpoint has scored the probe.
     out = _output_dir(args.out)
     checkpoints = resolve_checkpoints(args.checkpoints, name_parts=args.name_parts)
     module_class = import_class(args.module) if args.module else None
@@ -214,12 +227,10 @@ def cmd_collect(args: argparse.Namespace) -> int:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}.")
     device = resolve_device(args.device)
     dtype = torch.bfloat16 if args.bf16 else torch.float32
-    store = LossStore(out, probe)
-    skipped = sum(ck.name in store for ck in checkpoints)
-    done = collect(checkpoints, probe, store, device, dtype, batch_size=args.batch_size, module_class=module_class,
+    done = collect(checkpoints, probe, out, device, dtype, batch_size=args.batch_size, module_class=module_class,
                    trust_checkpoints=args.trust_checkpoints, progress=not args.no_progress)
-    print(f"{out}: collected {len(done)} checkpoint(s), skipped {skipped} already stored; probe {probe.fingerprint}, "
-          f"{probe.n_tokens} tokens, device {device}, {dtype}.")
+    print(f"{out}: collected {len(done)} checkpoint(s), skipped {len(checkpoints) - len(done)} already stored; probe "
+          f"{probe.fingerprint}, {probe.n_tokens} tokens, device {device}, {dtype}.")
     return 0
 
 
@@ -243,7 +254,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
     if args.lmeval:
         mapping = read_mapping(args.mapping) if args.mapping else None
         scores = scores_from_lmeval(args.lmeval, args.task, table.names, [e.get("path") for e in table.extra],
-                                    metric=args.metric, filter=args.filter, mapping=mapping)
+                                    metric=args.metric, filter=args.filter, mapping=mapping,
+                                    checkpoint_stores=_stores_of(args.losses, table.names))
     else:
         scores, rows = scores_from_csv(args.scores, args.score_column)
     by_name = {s.checkpoint: s for s in scores}
@@ -272,6 +284,17 @@ def cmd_fit(args: argparse.Namespace) -> int:
           f"{sv.fit_report['effective_tokens']:.0f} effective tokens of {sv.n_tokens}")
     print(format_cv_table(sv.fit_report))
     return 0
+
+
+def _stores_of(roots: list[str], names: list[str]) -> list[tuple[Path, str]]:
+    """``[m]`` (loss store, name within it) of each checkpoint of ``load_losses(roots)``, which names those of
+    several stores ``<store>/<name>``, ``<store>`` being the store's path relative to the stores' common parent."""
+    if len(roots) == 1:
+        return [(Path(roots[0]), n) for n in names]
+    parent = os.path.commonpath([Path(r).resolve() for r in roots])
+    labels = sorted(((Path(r).resolve().relative_to(parent).as_posix() + "/", Path(r)) for r in roots),
+                    key=lambda lr: -len(lr[0]))  # a store nested in another has the longer label
+    return [next((root, n[len(label):]) for label, root in labels if n.startswith(label)) for n in names]
 
 
 def _select_rows(X: np.ndarray, keep: list[int]) -> np.ndarray:
@@ -323,46 +346,54 @@ def format_cv_table(report: dict[str, Any]) -> str:
 
 # ---------------------------------------------------------------------- predict
 def cmd_predict(args: argparse.Namespace) -> int:
-    from .salience import SalienceVector
-
-    vectors = [SalienceVector.load(v) for v in args.vectors]
+    twice = sorted({v for v in args.vectors if args.vectors.count(v) > 1})
+    if twice:
+        raise ValueError(f"vector {twice[0]} is given twice; name each vector once.")
+    vectors = {v: SalienceVector.load(v) for v in args.vectors}
     table = load_losses(args.losses)
     records = predictions(table, vectors)
     if args.json:
         print(json.dumps(records, indent=1))
         return 0
-    tasks = [sv.task for sv in vectors]
-    print(f"{'checkpoint':<32}{'step':>8}" + "".join(f"{t[:18]:>20}" for t in tasks))
+    labels = _column_labels(vectors)
+    widths = [max(10, len(label)) for label in labels]
+    print(f"{'checkpoint':<32}{'step':>8}" + "".join(f"  {label:>{w}}  extrapolating" for label, w in zip(labels, widths)))
+    per_row = len(vectors)
     for i, name in enumerate(table.names):
-        row = [r for r in records if r["checkpoint"] == name]
-        cells = "".join(f"{r['pred']:>19.4f}{'*' if r['extrapolated'] else ' '}" for r in row)
+        row = records[i * per_row:(i + 1) * per_row]
+        cells = "".join(f"  {r['pred']:>{w}.4f}  {'yes' if r['extrapolating'] else 'no':>13}" for r, w in zip(row, widths))
         print(f"{name[:31]:<32}{int(table.steps[i]):>8}{cells}")
-    if any(r["extrapolated"] for r in records):
-        print("* weighted loss outside the range seen in fitting: the prediction extrapolates.")
+    if any(r["extrapolating"] for r in records):
+        print("extrapolating yes: the weighted loss is outside the range seen in fitting; treat that prediction with care.")
     return 0
 
 
-def predictions(table: LossTable, vectors: Sequence[Any]) -> list[dict[str, Any]]:
-    """One record per (checkpoint, vector): predicted score, weighted loss, extrapolation flag."""
+def _column_labels(vectors: dict[str, SalienceVector]) -> list[str]:
+    """One header per vector: its task, with its file when another vector has the same task."""
+    tasks = [sv.task for sv in vectors.values()]
+    return [t if tasks.count(t) == 1 else f"{t} ({path})" for t, path in zip(tasks, vectors)]
+
+
+def predictions(table: LossTable, vectors: dict[str, SalienceVector]) -> list[dict[str, Any]]:
+    """One record per (checkpoint, vector), checkpoint-major: predicted score, weighted loss and
+    ``extrapolating`` (the name of the callbacks' metric), for ``vectors`` keyed by their file."""
     out = []
     per_vector = []
-    for sv in vectors:
+    for path, sv in vectors.items():
         wl = weighted_losses(sv, table.losses, table.fingerprint)
-        per_vector.append((sv, wl, np.asarray(sv.link(wl)), np.asarray(sv.extrapolates(wl))))
+        per_vector.append((path, sv, wl, np.asarray(sv.link(wl)), np.asarray(sv.extrapolates(wl))))
     for i, name in enumerate(table.names):
-        for sv, wl, pred, extra in per_vector:
+        for path, sv, wl, pred, extra in per_vector:
             out.append({"checkpoint": name, "step": int(table.steps[i]),
                         "tokens_seen": None if np.isnan(table.tokens_seen[i]) else float(table.tokens_seen[i]),
-                        "task": sv.task, "metric": sv.metric, "pred": float(pred[i]),
-                        "weighted_loss": float(wl[i]), "extrapolated": bool(extra[i])})
+                        "vector": path, "task": sv.task, "metric": sv.metric, "pred": float(pred[i]),
+                        "weighted_loss": float(wl[i]), "extrapolating": bool(extra[i])})
     return out
 
 
 # ---------------------------------------------------------------------- report
 def cmd_report(args: argparse.Namespace) -> int:
     from .report import write_report
-    from .salience import SalienceVector
-
     out = _output_dir(args.out)
     sv = SalienceVector.load(args.vector)
     probe = None
