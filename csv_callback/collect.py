@@ -19,6 +19,8 @@ import json
 import os
 import pickle
 import re
+import reprlib
+import warnings
 import weakref
 import zipfile
 from collections.abc import Iterator, Sequence
@@ -273,7 +275,7 @@ def _describe(e: BaseException) -> str:
 def collect(
     checkpoints: Sequence[Checkpoint],
     probe: ProbeSet,
-    store: LossStore,
+    store: LossStore | str | os.PathLike,
     device: torch.device,
     dtype: torch.dtype = torch.float32,
     batch_size: int = 8,
@@ -283,19 +285,29 @@ def collect(
 ) -> list[Checkpoint]:
     """Compute and store the losses of every checkpoint not yet in ``store``; returns those computed.
 
+    ``store`` is a LossStore, or the directory of one: an existing store there is opened (and must be of
+    ``probe``) before any model runs, and a new one is created only once the first checkpoint has scored the
+    probe, so a model that cannot (a context window shorter than the probe, another vocabulary) leaves
+    nothing behind to refuse a retry with a fixed probe.
+
     One model is in memory at a time. Each row is written atomically as soon as it is computed, so an
     interrupted run loses at most the checkpoint in flight and a re-run resumes after the last one stored.
+    An OSError while writing (a full disk) names the checkpoints saved so far.
     """
     from tqdm.auto import tqdm
     from transformers.utils import logging as hf_logging
 
-    _check_stored_paths(checkpoints, store)
-    todo = [ck for ck in checkpoints if ck.name not in store]
+    root = store.root if isinstance(store, LossStore) else Path(store)
+    if not isinstance(store, LossStore):
+        store = LossStore(root, probe) if (root / "probe.safetensors").exists() else None
+    if store is not None:
+        _check_stored_paths(checkpoints, store)
+    todo = [ck for ck in checkpoints if store is None or ck.name not in store]
     bar = tqdm(todo, unit="ckpt", desc="collect", disable=not progress, dynamic_ncols=True)
     hf_bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # transformers' per-load bars would break up ours
     try:
-        done = _collect_loop(bar, probe, store, device, dtype, batch_size, module_class, trust_checkpoints)
+        done = _collect_loop(bar, probe, store, root, device, dtype, batch_size, module_class, trust_checkpoints)
     finally:
         bar.close()
         if hf_bars:
@@ -303,7 +315,7 @@ def collect(
     return done
 
 
-def _collect_loop(bar, probe, store, device, dtype, batch_size, module_class, trust_checkpoints) -> list[Checkpoint]:
+def _collect_loop(bar, probe, store, root, device, dtype, batch_size, module_class, trust_checkpoints) -> list[Checkpoint]:
     done = []
     for ck in bar:
         bar.set_postfix_str(ck.name, refresh=False)
@@ -313,8 +325,19 @@ def _collect_loop(bar, probe, store, device, dtype, batch_size, module_class, tr
                 f"checkpoint {ck.name}: the probe uses token ids up to {int(probe.input_ids.max())} but the model's "
                 f"vocabulary has {model.get_input_embeddings().num_embeddings} entries; it was trained with another tokenizer."
             )
-        losses = token_losses(model, probe, batch_size=batch_size)
-        store.write(ck.name, losses, step=ck.step, extra={"path": str(ck.path), "kind": ck.kind, "dtype": str(dtype)})
+        try:
+            losses = token_losses(model, probe, batch_size=batch_size)
+        except ValueError as e:  # the probe does not fit this model
+            raise ValueError(f"checkpoint {ck.name} ({ck.path}): {e}") from None
+        if store is None:
+            store = LossStore(root, probe)
+        try:
+            store.write(ck.name, losses, step=ck.step, extra={"path": str(ck.path), "kind": ck.kind, "dtype": str(dtype)})
+        except OSError as e:
+            saved = f"{len(done)} checkpoint(s) of this run are saved in {root} (last: {done[-1].name})" if done else \
+                f"no checkpoint of this run is saved in {root}"
+            raise OSError(f"checkpoint {ck.name}: {e.strerror or e} {saved}; re-run the same command then: it "
+                          "continues after them.") from None
         # One model at a time: peak memory must not grow with the number of checkpoints. Reference counting
         # frees an HF model at once; a full gc pass (0.15 s, 5% of a small checkpoint's time) only when a
         # reference cycle keeps it alive.
@@ -349,12 +372,30 @@ def _check_stored_paths(checkpoints: Sequence[Checkpoint], store: LossStore) -> 
 
 
 def _step_of(path: Path, kind: str) -> int | None:
-    """Global step from HF's trainer_state.json, else from a step-like number in the file or directory name."""
+    """Global step from HF's trainer_state.json, else from a step-like number in the file or directory name.
+
+    A step must be a whole number a loss file can record (0 to 2**63 - 1): a malformed trainer_state.json
+    (``1e999``, deeply nested, not JSON) only costs the step, which the name may still give, with a warning.
+    """
     state = path / "trainer_state.json"
     if kind == "hf" and state.is_file():
         try:
-            return int(json.loads(state.read_text())["global_step"])
-        except (ValueError, KeyError, TypeError):
-            pass  # a malformed trainer_state.json only costs the step, which the name may still give
+            value = json.loads(state.read_text())["global_step"]
+            problem = f"global_step is {reprlib.repr(value)}, not a step number"
+        except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
+            value, problem = None, f"no readable global_step ({type(e).__name__}: {reprlib.repr(str(e))})"
+        step = _as_step(value)
+        if step is not None:
+            return step
+        warnings.warn(f"{state}: {problem}; the step is taken from the name {path.name!r} instead.", stacklevel=2)
     m = _STEP.findall(path.name)
-    return int(m[-1]) if m else None
+    return _as_step(int(m[-1])) if m else None
+
+
+def _as_step(value: Any) -> int | None:
+    """``value`` as a step (an int, or a float with no fraction, within 0 .. 2**63 - 1), else None."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
+        return None
+    return value
