@@ -20,6 +20,7 @@ import argparse
 import functools
 import logging
 import os
+import shutil
 import sys
 import time
 import warnings
@@ -191,6 +192,9 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     t0 = time.time()
     args.out.mkdir(parents=True, exist_ok=True)
+    # Each demo run starts over, as its plot does: the loss store refuses a second fresh run's steps.
+    if (args.out / "probe_losses").exists():
+        shutil.rmtree(args.out / "probe_losses")
 
     world = World()
     vectors = sorted(ASSETS.glob("ladder_*.safetensors"))

@@ -18,6 +18,7 @@ pytest.importorskip("accelerate")  # lm-eval's "hf" model backend
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT / "examples" / "assets"
 DEMO = ROOT / "examples" / "train_tiny_lm.py"
+SHORT_RUN = ["--size", "s1", "--steps", "60", "--val-every", "20", "--lmeval-every", "2", "--threads", "1"]
 sys.path.insert(0, str(ROOT / "benchmarks" / "ladder"))
 sys.path.insert(0, str(ROOT / "examples"))
 
@@ -44,8 +45,7 @@ def demo(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("demo")
     with one_torch_thread():
-        result = train_tiny_lm.main(["--out", str(out), "--size", "s1", "--steps", "60", "--val-every", "20",
-                                     "--lmeval-every", "2", "--threads", "1"])
+        result = train_tiny_lm.main(["--out", str(out), *SHORT_RUN])
     return out, result
 
 
@@ -81,21 +81,23 @@ def test_demo_png_title_names_the_mixture_in_words(demo, tmp_path):
     assert "{" not in title and "facts 15%, arith 25%, pattern 6%, general text 54% of the training lines" in title
 
 
-def test_demo_console_is_progress_lines_and_the_table(tmp_path):
-    # As the README runs it (a fresh process, from the clone); 2 validations, lm-eval at the last.
-    run = subprocess.run([sys.executable, str(DEMO), "--out", str(tmp_path / "demo_run"), "--size", "s1", "--steps", "40",
-                          "--val-every", "20", "--threads", "1"], cwd=ROOT, env=subprocess_env(), capture_output=True,
-                         text=True, timeout=900)
+def test_demo_console_is_progress_lines_and_the_table_and_a_rerun_starts_over(demo):
+    # As the README runs it: a fresh process, from the clone, and again into the --out of a finished run.
+    out, _ = demo
+    run = subprocess.run([sys.executable, str(DEMO), "--out", str(out), *SHORT_RUN], cwd=ROOT, env=subprocess_env(),
+                         capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr
     # Nothing but our own output: no progress bars, library notices or third-party deprecations on stderr.
     assert run.stderr == ""
     lines = [line for line in run.stdout.splitlines() if line.strip()]
-    assert lines[0].startswith("Training GPT-2 s1 (") and "for 40 steps" in lines[0]
+    assert lines[0].startswith("Training GPT-2 s1 (") and "for 60 steps" in lines[0]
     assert lines[1] == "  facts 15%, arith 25%, pattern 6%, general text 54% of the training lines."
     assert lines[2].startswith("Predicting facts, arith, pattern accuracy") and lines[3].startswith("lm-eval-harness")
-    assert re.fullmatch(r"  step 20/40 +\d+ s  predicted", lines[4]), lines[4]
-    assert re.fullmatch(r"  step 40/40 +\d+ s  predicted; lm-eval-harness measured in \d+ s", lines[5]), lines[5]
-    assert lines[6].split() == ["step", "facts", "pred", "lm-eval", "arith", "pred", "lm-eval", "pattern", "pred", "lm-eval"]
-    assert [line.split()[0] for line in lines[7:9]] == ["20", "40"] and len(lines[8].split()) == 7
-    assert lines[9].startswith("prediction vs lm-eval over 1 evaluations") and lines[10].startswith("done in ")
-    assert len(lines) == 11, run.stdout
+    assert re.fullmatch(r"  step 20/60 +\d+ s  predicted", lines[4]), lines[4]
+    for line, step in zip(lines[5:7], (40, 60)):
+        assert re.fullmatch(rf"  step {step}/60 +\d+ s  predicted; lm-eval-harness measured in \d+ s", line), line
+    assert lines[7].split() == ["step", "facts", "pred", "lm-eval", "arith", "pred", "lm-eval", "pattern", "pred", "lm-eval"]
+    assert [line.split()[0] for line in lines[8:11]] == ["20", "40", "60"]
+    assert lines[11].startswith("prediction vs lm-eval over 2 evaluations") and lines[12].startswith("done in ")
+    assert len(lines) == 13, run.stdout
+    assert len(list((out / "probe_losses" / "losses").glob("*.safetensors"))) == 3
