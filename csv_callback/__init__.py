@@ -3,12 +3,18 @@
 Implements the Capability Salience Vector of Ge et al., ACL 2025 (arXiv:2506.13216).
 """
 
+from .evaluator import Evaluation, SalienceEvaluator, Sharding
 from .fit import fit_link, fit_salience
 from .losses import sequence_loglikelihoods, token_losses
 from .probe import ProbeMismatchError, ProbeSet, tokenizer_hash
 from .salience import SalienceVector, SigmoidLink
+from .store import RunMismatchError
 
 __all__ = [
+    "Evaluation",
+    "RunMismatchError",
+    "SalienceEvaluator",
+    "Sharding",
     "ProbeMismatchError",
     "ProbeSet",
     "SalienceVector",

@@ -14,10 +14,25 @@ with the same dict, and returns that dict to the best-model logic. The callback 
 TensorBoard, ...) are callbacks that run before user callbacks, so for them to receive the scores the
 callback must run first: attach it with ``SalienceTrainerCallback(...).attach(trainer)``.
 
-Under DDP every rank computes the whole probe (the model is the same on every rank, so every rank gets the
-same prediction and early-stopping decisions agree); only the main process writes ``save_dir``.
+The work is done by :class:`~csv_callback.evaluator.SalienceEvaluator`, as in the Lightning callback, so the
+options and behaviour are the same: several probes, collect-only (``vectors=None`` with a ``save_dir``), a
+``prefix``, and under DDP the probe sharded across ranks and the losses gathered (every rank gets the same
+prediction, so early-stopping decisions agree); only the main process writes ``save_dir``.
 
-Faults are handled as in the Lightning callback, with the same code (``_faults.py``): what can be checked
+What is evaluated is named by what it is: inside ``train()`` by the step (``step-<global_step:09d>``); after it
+(the usual final ``trainer.evaluate()``, or other weights loaded into the model) as a new evaluation,
+``eval-<checkpoint>-step-<step>`` when the weights are the best checkpoint that ``load_best_model_at_end``
+loaded, else ``eval-step-<step>``, never over a stored step. An evaluation over several eval datasets is
+computed once; an evaluation of other weights at the same step is computed again.
+
+Resume: the callback's state (its run's id, the history) rides in ``trainer_state.json`` as an
+``ExportableState``, so ``train(resume_from_checkpoint=...)`` continues the same run and its ``save_dir``; a
+fresh run into a ``save_dir`` of another run fails before training. Keep
+``TrainingArguments(restore_callback_states_from_checkpoint=False)`` (the default): the callback restores its
+own state. The Trainer writes its checkpoint after the step's evaluation, so an evaluation cut short leaves no
+checkpoint of that step to resume from, and no gap.
+
+Faults are handled as in the Lightning callback, with the same code (the evaluator): what can be checked
 before training (tokenizer, the probe against the model's context window and vocabulary, ``save_dir``) fails in
 ``on_train_begin`` with a message saying how to fix it; inside ``train()`` NaN/inf losses, losses that
 cannot be computed and failed saves warn (``RuntimeWarning``) and training goes on, the predictions of
@@ -27,7 +42,7 @@ such an evaluation logged as NaN with ``extrapolating`` 1.0.
 from __future__ import annotations
 
 import os
-import time
+import re
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,56 +50,62 @@ from typing import Any
 
 import torch
 from transformers import TrainerCallback
+from transformers.trainer_callback import ExportableState
 
-from . import _faults
-from .losses import token_losses
+from .evaluator import SalienceEvaluator, weights_key, torch_distributed_sharding
 from .probe import ProbeSet
 from .salience import SalienceVector
-from .store import LossStore
 
 _OWNER = "SalienceTrainerCallback"
+PathLike = str | os.PathLike
 
 
-class SalienceTrainerCallback(TrainerCallback):
+class SalienceTrainerCallback(TrainerCallback, ExportableState):
     """Add predicted downstream scores to a ``transformers.Trainer``'s evaluation metrics.
 
     Args:
         vectors: SalienceVector objects or paths to their .safetensors files; tasks must be distinct.
-        probe: the vectors' ProbeSet, or a path to it.
+            ``None`` or ``[]`` with a ``save_dir`` only collects the losses.
+        probe: the vectors' ProbeSet, or a path to it; a sequence of probes when the vectors use several.
         batch_size: probe sequences per forward pass.
         save_dir: optional loss store directory (the format of ``csv-callback collect``): each evaluated
             step's per-token losses are saved there as ``step-<global_step:09d>``, as the Lightning callback does.
-            It is opened (and checked) when training begins: a directory holding another probe's losses, or a
-            path that is not a writable directory, fails before the first step.
+            It is opened (and checked) when training begins: a directory holding another probe's or another
+            run's losses, or a path that is not a writable directory, fails before the first step.
+        prefix: the metrics' name prefix (after the Trainer's own ``eval_``).
     """
 
     def __init__(
         self,
-        vectors: Sequence[SalienceVector | str | os.PathLike],
-        probe: ProbeSet | str | os.PathLike,
+        vectors: Sequence[SalienceVector | PathLike] | SalienceVector | PathLike | None,
+        probe: Sequence[ProbeSet | PathLike] | ProbeSet | PathLike,
         batch_size: int = 8,
-        save_dir: str | os.PathLike | None = None,
+        save_dir: PathLike | None = None,
+        prefix: str = "csv",
     ) -> None:
-        if isinstance(vectors, (SalienceVector, str, os.PathLike)):
-            vectors = [vectors]
-        self.vectors = [v if isinstance(v, SalienceVector) else SalienceVector.load(v) for v in vectors]
-        if not self.vectors:
-            raise ValueError("SalienceTrainerCallback needs at least one salience vector.")
-        tasks = [sv.task for sv in self.vectors]
-        if len(set(tasks)) != len(tasks):
-            raise ValueError(f"vectors must have distinct tasks (they name the metrics), got {tasks}.")
-        self.probe = probe if isinstance(probe, ProbeSet) else ProbeSet.load(probe)
-        for sv in self.vectors:
-            sv.check_probe(self.probe)
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}.")
-        self.batch_size = batch_size
-        self.save_dir = Path(save_dir) if save_dir is not None else None
-        self._store: LossStore | None = None
+        self.evaluator = SalienceEvaluator(vectors, probe, batch_size, save_dir, prefix, owner=_OWNER)
         self._attached = False
-        self._cache: tuple[int, dict[str, float]] | None = None
         self._model_checked = False
         self._training = False  # between on_train_begin and on_train_end: faults warn instead of raising
+        self._best: tuple[tuple, str] | None = None  # (weights key, checkpoint) after load_best_model_at_end
+
+    @property
+    def vectors(self) -> list[SalienceVector]:
+        return self.evaluator.vectors
+
+    @property
+    def probe(self) -> ProbeSet:
+        """The probe (the first one, with several)."""
+        return self.evaluator.probes[0]
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        """One row per (evaluation, task): name, step, task, pred, weighted_loss, extrapolating."""
+        return self.evaluator.history
+
+    def state(self) -> dict[str, Any]:
+        """What ``trainer_state.json`` keeps of this callback (``transformers.trainer_callback.ExportableState``)."""
+        return {"args": {}, "attributes": {"evaluator_state": self.evaluator.state_dict()}}
 
     def attach(self, trainer: Any) -> Any:
         """Put this callback first in ``trainer``'s callbacks, so the ``report_to`` trackers log its metrics."""
@@ -98,12 +119,16 @@ class SalienceTrainerCallback(TrainerCallback):
     # ------------------------------------------------------------------ Trainer events
     def on_train_begin(self, args, state, control, model=None, processing_class=None, **kwargs):
         # Whatever would make the evaluations fail or meaningless fails now, before any training step.
+        saved = state.stateful_callbacks.get(type(self).__name__) if state.stateful_callbacks else None
+        saved = saved[0] if isinstance(saved, list) and saved else saved
+        if state.global_step > 0 and isinstance(saved, dict) and "evaluator_state" in saved.get("attributes", {}):
+            self.evaluator.load_state_dict(saved["attributes"]["evaluator_state"])  # a resumed run
         if processing_class is not None and hasattr(processing_class, "get_vocab"):
-            self.probe.check_tokenizer(processing_class)
+            self.evaluator.check_tokenizer(processing_class)
         if model is not None:
             self._check_model(model)
-        if self.save_dir is not None and state.is_world_process_zero and self._store is None:
-            self._store = _faults.open_loss_store(self.save_dir, self.probe, _OWNER, self.save_dir)
+        if state.is_world_process_zero:
+            self.evaluator.open_store()
         self._training = True
         report_to = [args.report_to] if isinstance(args.report_to, str) else list(args.report_to or [])
         trackers = [t for t in report_to if t != "none"]
@@ -115,10 +140,13 @@ class SalienceTrainerCallback(TrainerCallback):
                 stacklevel=2,
             )
 
-    def on_train_end(self, args, state, control, **kwargs):
-        # load_best_model_at_end swaps the weights without a new step: the next evaluation must recompute.
-        self._cache = None
+    def on_train_end(self, args, state, control, model=None, **kwargs):
         self._training = False
+        # load_best_model_at_end has put the best checkpoint's weights in the model: evaluations of them are
+        # named by that checkpoint.
+        self._best = None
+        if args.load_best_model_at_end and state.best_model_checkpoint and model is not None:
+            self._best = (weights_key(model), state.best_model_checkpoint)
 
     def on_log(self, args, state, control, logs=None, model=None, **kwargs):
         prefix = _eval_prefix(logs)
@@ -134,63 +162,31 @@ class SalienceTrainerCallback(TrainerCallback):
     def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):
         # Normally on_log has filled ``metrics`` already; this covers trainers that evaluate without logging.
         prefix = _eval_prefix(metrics)
-        if prefix is not None and model is not None and f"{prefix}_csv/probe_mean_loss" not in metrics:
+        if prefix is not None and model is not None and f"{prefix}_{self.evaluator.prefix}/nonfinite_losses" not in metrics:
             metrics.update(self._metrics(model, state, prefix))
 
     # ------------------------------------------------------------------ computation
-    def _metrics(self, model: torch.nn.Module, state, prefix: str) -> dict[str, float]:
-        """The callback's metrics for the model at ``state.global_step``, computed once per step (one
-        evaluation over several eval datasets logs once per dataset)."""
-        if self._cache is None or self._cache[0] != state.global_step:
-            self._cache = (state.global_step, self._compute(model, state))
-        return {f"{prefix}_{k}": v for k, v in self._cache[1].items()}
-
     def _check_model(self, model: torch.nn.Module) -> None:
-        """Fail if ``model`` cannot score the probe (see :func:`~csv_callback._faults.check_scores_probe`)."""
         if not self._model_checked:
-            _faults.check_scores_probe(model, self.probe, _OWNER, "the Trainer's model")
+            self.evaluator.check_model(model, "the Trainer's model")
             self._model_checked = True
 
-    def _compute(self, model: torch.nn.Module, state) -> dict[str, float]:
-        start = time.perf_counter()
+    def _metrics(self, model: torch.nn.Module, state, prefix: str) -> dict[str, float]:
+        """The evaluator's metrics for ``model`` as it is now, under the Trainer's metric ``prefix``."""
         self._check_model(model)  # done by on_train_begin in a run; a bare evaluate() fails here, before any compute
-        step = state.global_step
-        try:
-            losses = token_losses(model, self.probe, batch_size=self.batch_size)
-        except Exception as e:  # inside a run, hours of training matter more than one evaluation's predictions
-            if not self._training:
-                raise
-            _warn(_faults.losses_failed_message(_OWNER, self.probe, step, e))
-            losses = None
-        mean_loss, n_bad = _faults.loss_summary(losses)
-        out: dict[str, float] = {}
-        for sv in self.vectors:
-            pred, wl, extrapolating = _faults.prediction(sv, _faults.usable(losses, n_bad))
-            out |= {f"csv/{sv.task}/pred": pred, f"csv/{sv.task}/weighted_loss": wl,
-                    f"csv/{sv.task}/extrapolating": float(extrapolating)}
-        out["csv/probe_mean_loss"] = mean_loss
-        out["csv/nonfinite_losses"] = n_bad
-        if losses is not None and state.is_world_process_zero:
-            if n_bad:
-                _warn(_faults.nonfinite_message(_OWNER, int(n_bad), self.probe, step, "csv/nonfinite_losses"))
-            elif self.save_dir is not None:
-                self._save(losses, state)
-        out["csv/eval_seconds"] = time.perf_counter() - start
-        return out
-
-    def _save(self, losses: torch.Tensor, state) -> None:
-        if self._store is None:  # a bare evaluate(), without on_train_begin: a bad save_dir raises here
-            self._store = _faults.open_loss_store(self.save_dir, self.probe, _OWNER, self.save_dir)
-        store, step = self._store, state.global_step
-        seen = float(state.num_input_tokens_seen) if state.num_input_tokens_seen else None
-        # A full disk must not stop training; rows already saved stay intact (atomic writes).
-        _faults.guarded(f"save the probe losses of step {step} to {store.root}",
-                        lambda: store.write(f"step-{step:09d}", losses, step=step, tokens_seen=seen),
-                        owner=_OWNER, warn=_warn)
-
-
-def _warn(message: str) -> None:
-    warnings.warn(message, RuntimeWarning, stacklevel=3)
+        if state.is_world_process_zero:
+            self.evaluator.open_store()  # a bare evaluate() without on_train_begin: a bad save_dir raises here
+        checkpoint, step = None, int(state.global_step)
+        if not self._training and self._best is not None and self._best[0] == weights_key(model):
+            checkpoint = self._best[1]
+            found = re.fullmatch(r"checkpoint-(\d+)", Path(checkpoint).name)  # the Trainer's naming
+            step = int(found.group(1)) if found else step
+        device = next(model.parameters()).device
+        evaluation = self.evaluator.evaluate(
+            model, step, training=self._training, checkpoint=checkpoint,
+            tokens_seen=float(state.num_input_tokens_seen) if state.num_input_tokens_seen else None,
+            sharding=torch_distributed_sharding(device))
+        return {f"{prefix}_{k}": v for k, v in evaluation.metrics.items()}
 
 
 def _eval_prefix(logs: dict[str, Any] | None) -> str | None:

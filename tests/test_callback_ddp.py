@@ -52,12 +52,12 @@ def test_sharded_predictions_equal_single_process(ddp_out):
 
 
 def test_shards_cover_the_probe_once_with_equal_sequence_counts():
-    from csv_callback.callback import _shard
+    from csv_callback.evaluator import shard
 
     for probe in (H.make_probe(n_texts=4, max_length=48),
                   ProbeSet.from_texts(["One short probe text."], H.tokenizer(), max_length=16)):
         for world in (2, 3):
-            shards, positions = _shard(probe, world)
+            shards, positions = shard(probe, world)
             assert len({len(s) for s in shards}) == 1  # the same number of forward passes on every rank
             covered = sorted(int(i) for p in positions for i in p)
             assert covered == list(range(probe.n_tokens))
