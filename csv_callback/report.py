@@ -22,6 +22,10 @@ from .salience import SalienceVector
 from .store import LossTable
 
 _METHOD_COLOURS = {"csv": "#c0392b", "uniform": "#2c7fb8", "label": "#41ab5d"}
+_GROUP_MARKERS = "osD^vP<>X*"  # with tab10's 10 colours: 100 groups, each its own (colour, marker)
+# The darkest salience shade: rgba(192,57,43) at this alpha over white leaves #222 text a contrast of 4.9:1
+# (WCAG AA asks 4.5:1); at full colour it would be 2.9:1.
+_MAX_SHADE = 0.7
 
 
 def write_report(
@@ -66,8 +70,7 @@ def write_report(
     for title, png in figures:
         data = base64.b64encode(png.read_bytes()).decode()
         parts.append(f"<h2>{html.escape(title)}</h2><img alt='{html.escape(title)}' src='data:image/png;base64,{data}'>")
-    if probe is not None:
-        parts.append(_salience_text_html(sv, probe, tokenizer, top))
+    parts.append(_salience_text_html(sv, probe, tokenizer, top) if probe is not None else _NO_PROBE)
     index = out / "index.html"
     tmp = out / ".index.html.tmp"
     tmp.write_text(_PAGE.format(title=html.escape(f"csv-callback: {sv.task}"), body="\n".join(parts)))
@@ -84,6 +87,9 @@ def _save(fig, path: Path) -> Path:
 
 
 def _cv_figure(rep: dict[str, Any]):
+    """One square panel per method, held-out prediction against the actual score. With groups, each group has
+    its own colour and marker and one legend below the panels, in columns: the panels keep their size however
+    many groups there are (36 runs of a ladder)."""
     import matplotlib.pyplot as plt
 
     y = np.asarray(rep["scores"])
@@ -92,19 +98,25 @@ def _cv_figure(rep: dict[str, Any]):
     lo, hi = float(min(y.min(), *(min(rep["cv_pred"][m]) for m in methods))), float(max(y.max(), *(max(rep["cv_pred"][m]) for m in methods)))
     pad = 0.05 * (hi - lo or 1.0)
     groups = rep.get("groups")
+    names = sorted(set(groups)) if groups else []
+    colours = plt.get_cmap("tab10").colors
     for ax, m in zip(axes[0], methods):
         pred = np.asarray(rep["cv_pred"][m])
-        if groups:
-            for g in sorted(set(groups)):
-                sel = np.array([x == g for x in groups])
-                ax.scatter(y[sel], pred[sel], s=18, label=str(g))
-            ax.legend(fontsize=7, title="held-out group", title_fontsize=7)
-        else:
+        for i, g in enumerate(names):
+            sel = np.array([x == g for x in groups])
+            ax.scatter(y[sel], pred[sel], s=16, color=colours[i % len(colours)], label=str(g),
+                       marker=_GROUP_MARKERS[i // len(colours) % len(_GROUP_MARKERS)], alpha=0.85, linewidths=0)
+        if not names:
             ax.scatter(y, pred, s=18, color=_METHOD_COLOURS[m])
         ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], color="grey", lw=0.8, ls="--")
         ax.set(xlim=(lo - pad, hi + pad), ylim=(lo - pad, hi + pad), xlabel="actual score", ylabel="predicted (held out)",
-               title=f"{m}: MSE {rep['cv_mse'][m]:.3g}, MAE {rep['cv_mae'][m]:.3g}")
+               title=f"{m}: MSE {rep['cv_mse'][m]:.3g}, MAE {rep['cv_mae'][m]:.3g}", aspect="equal")
     fig.tight_layout()
+    if names:
+        handles, labels = axes[0][0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(len(names), 3 * len(methods)),
+                   fontsize=7, title=f"held-out group ({len(names)})", title_fontsize=8, frameon=False,
+                   handletextpad=0.2, columnspacing=1.0)
     return fig
 
 
@@ -164,9 +176,11 @@ def _summary_html(sv: SalienceVector) -> str:
             rows.append((label, f"{rep[key]:.4g}" if isinstance(rep[key], float) else rep[key]))
     out = "<table>" + "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows) + "</table>"
     if "cv_mse" in rep:
-        out += "<h2>Cross-validated error</h2><table><tr><th>method</th><th>MSE</th><th>MAE</th></tr>"
+        best = min(rep["cv_mse"], key=rep["cv_mse"].get)
+        out += "<h2>Cross-validated error</h2><table><tr><th>method</th><th>MSE</th><th>MAE</th><th></th></tr>"
         for m, v in rep["cv_mse"].items():
-            out += f"<tr><td>{html.escape(m)}</td><td>{v:.4g}</td><td>{rep['cv_mae'][m]:.4g}</td></tr>"
+            mark = "<td class='best'>best (lowest MSE)</td>" if m == best else "<td></td>"
+            out += f"<tr><td>{html.escape(m)}</td><td>{v:.4g}</td><td>{rep['cv_mae'][m]:.4g}</td>{mark}</tr>"
         out += f"</table><p>Folds: {html.escape(str(rep.get('cv', '?')))}.</p>"
     return out
 
@@ -190,14 +204,21 @@ def _salience_text_html(sv: SalienceVector, probe: ProbeSet, tokenizer: Any, top
                 spans.append(f"<span class='ctx'>{text}</span>")
                 continue
             r = rel[k]
-            alpha = min(1.0, max(0.0, math.log(r) / scale)) if r > 1.0 else 0.0
+            alpha = _MAX_SHADE * min(1.0, max(0.0, math.log(r) / scale)) if r > 1.0 else 0.0
             spans.append(f"<span style='background:rgba(192,57,43,{alpha:.2f})' title='w x n = {r:.3g}'>{text}</span>")
             k += 1
         blocks.append(f"<div class='seq'><div class='meta'>sequence {int(i)}: {100 * mass[i]:.1f}% of the salience</div>"
                       f"<pre>{''.join(spans)}</pre></div>")
+    ids_only = "" if tokenizer is not None else " Tokens are shown as [ids]: pass the probe's tokenizer " \
+        "(csv-callback report --tokenizer DIR) to show text."
     return ("<h2>Probe text by salience</h2><p>Shade: token weight relative to uniform (log scale, darkest = "
             f"{rel.max():.3g}x uniform); grey text is context that is not scored. Showing {len(order)} of "
-            f"{probe.num_sequences} sequences, most salient first.</p>" + "".join(blocks))
+            f"{probe.num_sequences} sequences, most salient first.{ids_only}</p>" + "".join(blocks))
+
+
+_NO_PROBE = ("<h2>Probe text by salience</h2><p>Not shown: this report was written without the vector's probe, "
+             "which holds the text. Pass it (csv-callback report --probe probe.safetensors, or --losses STORE to use "
+             "the store's probe; write_report(probe=...) in Python).</p>")
 
 
 _PAGE = """<!doctype html>
@@ -206,7 +227,7 @@ _PAGE = """<!doctype html>
 body {{ font-family: sans-serif; max-width: 1100px; margin: 2em auto; color: #222; }}
 table {{ border-collapse: collapse; margin: 0.5em 0; }} th, td {{ border: 1px solid #ccc; padding: 3px 8px; text-align: left; }}
 img {{ max-width: 100%; }} pre {{ white-space: pre-wrap; font-size: 13px; line-height: 1.5; }}
-.ctx {{ color: #999; }} .seq {{ border-top: 1px solid #eee; }} .meta {{ font-size: 12px; color: #666; }}
+.ctx {{ color: #999; }} .best {{ font-weight: bold; }} .seq {{ border-top: 1px solid #eee; }} .meta {{ font-size: 12px; color: #666; }}
 </style></head>
 <body>
 {body}
