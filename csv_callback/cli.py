@@ -357,7 +357,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         return 0
     labels = _column_labels(vectors)
     widths = [max(10, len(label)) for label in labels]
-    print(f"{'checkpoint':<32}{'step':>8}" + "".join(f"  {label:>{w}}  extrapolating" for label, w in zip(labels, widths)))
+    header = "".join(f"  {label:>{w}}  extrapolating" for label, w in zip(labels, widths))
+    print(f"{'checkpoint':<32}{'step':>8}{header}")
     per_row = len(vectors)
     for i, name in enumerate(table.names):
         row = records[i * per_row:(i + 1) * per_row]
@@ -394,6 +395,7 @@ def predictions(table: LossTable, vectors: dict[str, SalienceVector]) -> list[di
 # ---------------------------------------------------------------------- report
 def cmd_report(args: argparse.Namespace) -> int:
     from .report import write_report
+
     out = _output_dir(args.out)
     sv = SalienceVector.load(args.vector)
     probe = None

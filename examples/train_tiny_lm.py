@@ -71,15 +71,15 @@ def quiet_libraries() -> None:
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
     wandb.setup(wandb.Settings(silent=True))
-    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning,
-                            module=r"lightning\.pytorch\.utilities\._pytree")
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                            category=FutureWarning, module=r"lightning\.pytorch\.utilities\._pytree")
 
 
 def describe(mixture: Mixture) -> str:
     """The mixture in words: "facts 15%, arith 25%, pattern 6%, general text 54% of the training lines"."""
     shares = mixture.shares()
-    parts = [f"{source} {share:.0%}" for source, share in shares.items()] + [f"general text {1 - sum(shares.values()):.0%}"]
-    return ", ".join(parts) + " of the training lines"
+    parts = [f"{source} {share:.0%}" for source, share in shares.items()]
+    return ", ".join([*parts, f"general text {1 - sum(shares.values()):.0%}"]) + " of the training lines"
 
 
 class LmEvalAccuracy(pl.Callback):
