@@ -296,3 +296,75 @@ def test_save_failing_mid_run_warns_and_training_continues(tmp_path, model, toke
     # The predictions did not depend on the save.
     preds = [h[f"eval_csv/{TASK}/pred"] for h in trainer.state.log_history if "eval_loss" in h]
     assert len(preds) == 3 and np.isfinite(preds).all()
+
+
+# ---------------------------------------------------------------------- what is evaluated, and which run writes save_dir
+def _preds(trainer) -> dict[int, float]:
+    return {h["step"]: h[f"eval_csv/{TASK}/pred"] for h in trainer.state.log_history if "eval_loss" in h}
+
+
+def test_final_evaluate_of_the_best_model_is_a_new_evaluation_not_the_last_step(tmp_path, model, tokenizer, setup):
+    # The README's recipe: keep the best model by the predicted score, then the usual final evaluate().
+    _, _, probe, vector = setup
+    cb = SalienceTrainerCallback([vector], probe, save_dir=tmp_path / "losses")
+    trainer = make_trainer(tmp_path, model, tokenizer, setup, [cb], metric_for_best_model=f"csv/{TASK}/pred",
+                           greater_is_better=True, load_best_model_at_end=True)
+    trainer.train()
+    preds = _preds(trainer)
+    assert trainer.state.best_model_checkpoint.endswith("checkpoint-2") and preds[6] < preds[2]
+    before = load_losses(tmp_path / "losses", probe.fingerprint)
+    history = [dict(row) for row in cb.history]
+    metrics = trainer.evaluate()
+    assert metrics[f"eval_csv/{TASK}/pred"] == pytest.approx(preds[2], abs=1e-6)
+    after = load_losses(tmp_path / "losses", probe.fingerprint)
+    # The best model's losses are stored under their own name; the trained steps' files are untouched.
+    assert before.names == ["step-000000002", "step-000000004", "step-000000006"]
+    assert sorted(after.names) == ["eval-checkpoint-2-step-000000002", *before.names]
+    for name, row in zip(before.names, before.losses):
+        np.testing.assert_array_equal(after.losses[after.names.index(name)], row)
+    np.testing.assert_allclose(after.losses[after.names.index("eval-checkpoint-2-step-000000002")],
+                               token_losses(trainer.model, probe).numpy(), atol=1e-6)
+    # The run's history keeps its rows and gains the evaluation's.
+    assert cb.history[: len(history)] == history
+    assert cb.history[-1]["name"] == "eval-checkpoint-2-step-000000002"
+
+
+def test_evaluating_several_checkpoints_in_one_trainer_gives_each_its_own_prediction(tmp_path, model, tokenizer,
+                                                                                     setup):
+    from safetensors.torch import load_file
+
+    _, _, probe, vector = setup
+    cb = SalienceTrainerCallback([vector], probe)
+    trainer = make_trainer(tmp_path, model, tokenizer, setup, [cb])
+    trainer.train()
+    got = {}
+    for step in (2, 6):
+        weights = load_file(tmp_path / "out" / f"checkpoint-{step}" / "model.safetensors")
+        missing, unexpected = trainer.model.load_state_dict(weights, strict=False)
+        assert set(missing) <= {"lm_head.weight"} and not unexpected  # tied to the input embedding
+        got[step] = trainer.evaluate()[f"eval_csv/{TASK}/pred"]
+        assert got[step] == pytest.approx(vector.predict(token_losses(trainer.model, probe).numpy()), abs=1e-6)
+    assert got[2] != pytest.approx(got[6], abs=1e-4)
+
+
+def test_a_fresh_run_into_another_runs_save_dir_fails_and_a_resumed_run_continues_it(tmp_path, model, tokenizer,
+                                                                                      setup):
+    from csv_callback import RunMismatchError
+
+    _, _, probe, vector = setup
+    first = SalienceTrainerCallback([vector], probe, save_dir=tmp_path / "losses")
+    make_trainer(tmp_path, model, tokenizer, setup, [first], max_steps=4).train()
+    assert load_losses(tmp_path / "losses").steps.tolist() == [2, 4]
+    # Another fresh run into the same directory would mix two runs' losses: it fails before its first step.
+    other = SalienceTrainerCallback([vector], probe, save_dir=tmp_path / "losses")
+    trainer = make_trainer(tmp_path / "other", tiny_gpt2(len(tokenizer)), tokenizer, setup, [other])
+    with pytest.raises(RunMismatchError, match=r"holds the losses of run .* a save_dir of its own"):
+        trainer.train()
+    assert trainer.state.global_step == 0 and load_losses(tmp_path / "losses").steps.tolist() == [2, 4]
+    # The first run resumed from its checkpoint (a new process: a new callback) is the same run and goes on.
+    resumed = SalienceTrainerCallback([vector], probe, save_dir=tmp_path / "losses")
+    trainer = make_trainer(tmp_path, tiny_gpt2(len(tokenizer)), tokenizer, setup, [resumed])
+    trainer.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-4"))
+    assert load_losses(tmp_path / "losses").steps.tolist() == [2, 4, 6]
+    assert [row["step"] for row in resumed.history] == [2, 4, 6]
+    assert resumed.history[:2] == first.history
