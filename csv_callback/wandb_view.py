@@ -17,7 +17,8 @@ from lightning.pytorch.loggers import WandbLogger
 from .probe import ProbeSet
 from .salience import SalienceVector
 
-_TABLE_COLUMNS = ["step", "task", "pred", "weighted_loss", "extrapolating"]
+# ``name`` tells apart evaluations at one step (``step-N`` in training, ``eval-...`` of other weights after it).
+_TABLE_COLUMNS = ["step", "task", "pred", "weighted_loss", "extrapolating", "name"]
 
 
 def wandb_runs(trainer: pl.Trainer) -> list[Any]:
@@ -41,7 +42,7 @@ def log_table(trainer: pl.Trainer, history: list[dict[str, Any]], prefix: str) -
     """
     import wandb
 
-    rows = [[r[c] for c in _TABLE_COLUMNS] for r in sorted(history, key=lambda r: (r["step"], r["task"]))]
+    rows = [[r[c] for c in _TABLE_COLUMNS] for r in sorted(history, key=lambda r: (r["step"], r["name"], r["task"]))]
     for run in wandb_runs(trainer):
         run.log({f"{prefix}/predictions": wandb.Table(columns=_TABLE_COLUMNS, data=rows)}, commit=False)
 
