@@ -31,7 +31,6 @@ _OWNER = "SalienceCallback"
 
 
 class SalienceCallback(Callback):
-
     r"""Log predicted downstream scores of the model being trained after every validation.
 
     Args:
