@@ -7,6 +7,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 os.environ.setdefault("WANDB_MODE", "offline")
@@ -14,6 +15,8 @@ os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from csv_callback import ProbeSet  # noqa: E402
+from csv_callback.store import LossStore  # noqa: E402
 from csv_callback.testing import pydoc_corpus, tiny_gpt2, train_tokenizer  # noqa: E402
 
 
@@ -59,3 +62,18 @@ def shared_file() -> Callable[[str], Path]:
         pytest.skip(f"{need}; it is there in CI, not in a plain clone")
 
     return find
+
+
+@pytest.fixture
+def probe(tokenizer) -> ProbeSet:
+    """A one-text probe of a few dozen tokens (the loss store tests'; modules with their own probe override it)."""
+    return ProbeSet.from_texts(["A short probe text for the loss store tests, a few dozen tokens long."], tokenizer, 32)
+
+
+@pytest.fixture
+def store(tmp_path, probe) -> LossStore:
+    """A store of three checkpoints whose losses are all 1, 2 and 3."""
+    st = LossStore(tmp_path / "store", probe)
+    for i in range(3):
+        st.write(f"step-{i}", np.full(probe.n_tokens, 1.0 + i, np.float32), step=i)
+    return st

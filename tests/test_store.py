@@ -10,20 +10,6 @@ from csv_callback.probe import ProbeMismatchError, atomic_save
 from csv_callback.store import LossStore, load_losses
 
 
-@pytest.fixture
-def probe(tokenizer) -> ProbeSet:
-    return ProbeSet.from_texts(["A short probe text for the loss store tests, a few dozen tokens long."], tokenizer, 32)
-
-
-@pytest.fixture
-def store(tmp_path, probe) -> LossStore:
-    """A store of three checkpoints whose losses are all 1, 2 and 3."""
-    st = LossStore(tmp_path / "store", probe)
-    for i in range(3):
-        st.write(f"step-{i}", np.full(probe.n_tokens, 1.0 + i, np.float32), step=i)
-    return st
-
-
 def files(store: LossStore) -> dict[str, bytes]:
     """Every file of the store's losses directory, by name: to show that nothing was changed or added."""
     return {p.name: p.read_bytes() for p in sorted((store.root / "losses").iterdir())}

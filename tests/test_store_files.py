@@ -25,7 +25,6 @@ from csv_callback import ProbeSet
 from csv_callback.probe import atomic_save
 from csv_callback.store import LossStore, file_name, load_losses
 from offline_helpers import subprocess_env
-from test_store import probe, store  # noqa: F401  (fixtures: a probe, and a store of steps 0-2)
 
 TIMEOUT = 120  # seconds; far above the few seconds each subprocess needs (mostly importing torch)
 

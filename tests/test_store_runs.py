@@ -12,7 +12,6 @@ import pytest
 from csv_callback import ProbeSet
 from csv_callback.probe import ProbeMismatchError
 from csv_callback.store import LossStore, RunMismatchError, load_losses
-from test_store import probe  # noqa: F401  (fixture)
 
 
 def snapshot(root) -> dict[str, bytes]:
