@@ -104,19 +104,26 @@ class LmEvalAccuracy(pl.Callback):
         self._validations += 1
         if self._validations % self.every and trainer.global_step < trainer.max_steps:
             return
+        start = time.perf_counter()
+        acc = self.measure(pl_module.model, str(pl_module.device))
+        self.seconds.append(time.perf_counter() - start)
+        for t, v in acc.items():
+            pl_module.log(f"lmeval/{t}/acc", v)
+        self.rows.append({"step": trainer.global_step, **acc})
+
+    def measure(self, model: torch.nn.Module, device: str = "cpu") -> dict[str, float]:
+        """One lm-eval-harness run of the three tasks on ``model`` as it is now: task -> ``acc``.
+
+        A method of its own so that benchmarks/bench_vs_lmeval.py times exactly this run.
+        """
         from lm_eval.models.huggingface import HFLM
 
-        start = time.perf_counter()
-        lm = HFLM(pretrained=pl_module.model, tokenizer=self.world.tokenizer, batch_size=64, device=str(pl_module.device))
+        lm = HFLM(pretrained=model, tokenizer=self.world.tokenizer, batch_size=64, device=device)
         # simple_evaluate cannot turn off the model's progress bars; the model API's disable_tqdm can.
         lm.loglikelihood = functools.partial(lm.loglikelihood, disable_tqdm=True)
         results = self.lm_eval.simple_evaluate(model=lm, tasks=list(TASKS), task_manager=self.tasks,
                                                bootstrap_iters=0)["results"]
-        acc = {t: float(results[t]["acc,none"]) for t in TASKS}
-        for t, v in acc.items():
-            pl_module.log(f"lmeval/{t}/acc", v)
-        self.rows.append({"step": trainer.global_step, **acc})
-        self.seconds.append(time.perf_counter() - start)
+        return {t: float(results[t]["acc,none"]) for t in TASKS}
 
 
 class Progress(pl.Callback):
