@@ -18,6 +18,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
@@ -25,6 +26,7 @@ from torch import nn
 from .evaluator import Evaluation, SalienceEvaluator, Sharding
 from .probe import ProbeSet
 from .salience import SalienceVector
+from .wandb_view import WandbExtras
 
 PathLike = str | os.PathLike
 _OWNER = "SalienceCallback"
@@ -114,7 +116,7 @@ class SalienceCallback(Callback):
         self._fn: TrainerFn | None = None
         self._loaded_step: int | None = None  # global_step of the checkpoint this trainer call loaded
         self._model_checked = False
-        self._view_logged = False
+        self._wandb = WandbExtras(self.evaluator)
 
     @property
     def vectors(self) -> list[SalienceVector]:
@@ -174,7 +176,7 @@ class SalienceCallback(Callback):
             self.evaluator.check_tokenizer(
                 tokenizer, f"pass tokenizer_attr=None if pl_module.{self.tokenizer_attr} is not the probe's tokenizer")
         if self.wandb_extras and trainer.is_global_zero:
-            self._guarded("define the W&B metrics", lambda: _wandb().define_metrics(trainer, self.evaluator.metric_summaries()))
+            self._wandb.define_metrics(_wandb_runs(trainer), "trainer/global_step")
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._check_model(pl_module)
@@ -251,7 +253,8 @@ class SalienceCallback(Callback):
             extra={"epoch": int(trainer.current_epoch), "stage": getattr(trainer.state.stage, "value", None)},
             sharding=sharding)
         if self.wandb_extras and trainer.is_global_zero:
-            self._log_wandb(trainer, pl_module)
+            tokenizer = getattr(pl_module, self.tokenizer_attr, None) if self.tokenizer_attr else None
+            self._wandb.after_evaluation(_wandb_runs(trainer), tokenizer)
         return evaluation
 
     def _tokens_seen(self, pl_module: pl.LightningModule) -> float | None:
@@ -261,21 +264,6 @@ class SalienceCallback(Callback):
         return float(seen) if isinstance(seen, (int, float)) and not isinstance(seen, bool) else None
 
     # ------------------------------------------------------------------ side outputs (never fatal)
-    def _log_wandb(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        view = _wandb()
-        if not self.vectors or not view.wandb_runs(trainer):  # nothing predicted: no table, no view
-            return
-        self._guarded("log the predictions table to W&B", lambda: view.log_table(trainer, self.history, self.prefix))
-        if not self._view_logged:
-            tokenizer = getattr(pl_module, self.tokenizer_attr, None) if self.tokenizer_attr else None
-            for probe in self.probes:
-                for vector in self.evaluator.groups[probe.fingerprint]:
-                    self._guarded(
-                        f"log the salience view of {vector.task!r} to W&B",
-                        lambda: view.log_salience_view(trainer, vector, probe, tokenizer, self.prefix),
-                    )
-            self._view_logged = True
-
     def _guarded(self, what: str, fn: Any) -> None:
         try:
             fn()
@@ -284,8 +272,6 @@ class SalienceCallback(Callback):
                            category=RuntimeWarning)
 
 
-def _wandb():
-    # W&B is only imported when a run uses it.
-    from . import wandb_view
-
-    return wandb_view
+def _wandb_runs(trainer: pl.Trainer) -> list[Any]:
+    """The ``wandb`` runs of the trainer's ``WandbLogger``\\ s (rank 0 only; other ranks hold dummies)."""
+    return [lg.experiment for lg in trainer.loggers if isinstance(lg, WandbLogger)]

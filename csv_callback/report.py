@@ -70,7 +70,11 @@ def write_report(
     for title, png in figures:
         data = base64.b64encode(png.read_bytes()).decode()
         parts.append(f"<h2>{html.escape(title)}</h2><img alt='{html.escape(title)}' src='data:image/png;base64,{data}'>")
-    parts.append(_salience_text_html(sv, probe, tokenizer, top) if probe is not None else _NO_PROBE)
+    if probe is None:
+        parts.append(_NO_PROBE)
+    else:
+        hint = "" if tokenizer is not None else "<p>With the CLI: csv-callback report --tokenizer DIR.</p>"
+        parts.append(f"<h2>Probe text by salience</h2>{salience_html(sv, probe, tokenizer, top)}{hint}")
     index = out / "index.html"
     tmp = out / ".index.html.tmp"
     tmp.write_text(_PAGE.format(title=html.escape(f"csv-callback: {sv.task}"), body="\n".join(parts)))
@@ -185,35 +189,57 @@ def _summary_html(sv: SalienceVector) -> str:
     return out
 
 
-def _salience_text_html(sv: SalienceVector, probe: ProbeSet, tokenizer: Any, top: int) -> str:
-    """The ``top`` sequences with the most salience mass, each scored token shaded by its weight."""
-    rel = sv.weights * sv.n_tokens
-    # Shade on a log scale: weight == uniform is blank, the vector's largest weight is full colour.
-    scale = math.log(max(float(rel.max()), 1.0 + 1e-9))
-    so = probe.score_offsets.tolist()
-    mass = np.add.reduceat(sv.weights, so[:-1]) if probe.num_sequences > 1 else np.array([1.0])
-    order = np.argsort(-mass, kind="stable")[:top]
+def salience_html(vector: SalienceVector, probe: ProbeSet, tokenizer: Any = None, top: int = 8) -> str:
+    """The ``top`` probe sequences holding the most salient tokens, as an HTML fragment: the report's probe text
+    and the W&B salience view.
+
+    Sequences are ranked by their most salient token, so the vector's largest weight is always shown; each
+    says what share of the vector's total weight it holds. A scored token's background shades with its weight
+    relative to uniform, on a log scale: uniform or less is blank, the largest weight is the darkest shade,
+    which keeps the fragment's #222 text at 4.9:1 contrast. Its tooltip gives the weight. Context tokens, not
+    scored, are grey. Tokens are decoded one by one with
+    ``tokenizer`` (the probe's own: another raises :class:`~csv_callback.ProbeMismatchError`), or shown as
+    ``[id]`` without one. Styles are inline, as a W&B HTML panel has no stylesheet of ours.
+    """
+    vector.check_probe(probe)
+    if tokenizer is not None:
+        probe.check_tokenizer(tokenizer)
+    if not isinstance(top, int) or isinstance(top, bool) or top < 1:
+        raise ValueError(f"top must be a positive int (how many probe sequences to show), got {top!r}.")
+    w = vector.weights
+    rel = w * vector.n_tokens
+    rel_max = float(rel.max())
+    # A uniform vector (up to rounding) has no token more salient than another: nothing is shaded.
+    scale = math.log(rel_max) if rel_max > 1.0 + 1e-6 else math.inf
+    so = probe.score_offsets.numpy()
+    cum = np.concatenate([[0.0], np.cumsum(w)])
+    mass = cum[so[1:]] - cum[so[:-1]]
+    peak = np.array([w[a:b].max() if b > a else -1.0 for a, b in zip(so[:-1], so[1:])])
+    order = np.lexsort((-mass, -peak))[:top]  # by peak weight, then by share
     blocks = []
-    for i in order:
-        ids, mask = probe.sequence(int(i))
-        k = so[i]
+    for i in order.tolist():
+        ids, scored = probe.sequence(i)
+        k = int(so[i])
         spans = []
-        for tid, scored in zip(ids.tolist(), mask.tolist()):
+        for tid, is_scored in zip(ids.tolist(), scored.tolist()):
             text = html.escape(tokenizer.decode([tid]) if tokenizer is not None else f"[{tid}]")
-            if not scored:
-                spans.append(f"<span class='ctx'>{text}</span>")
+            if not is_scored:
+                spans.append(f'<span style="color:#999">{text}</span>')
                 continue
-            r = rel[k]
-            alpha = _MAX_SHADE * min(1.0, max(0.0, math.log(r) / scale)) if r > 1.0 else 0.0
-            spans.append(f"<span style='background:rgba(192,57,43,{alpha:.2f})' title='w x n = {r:.3g}'>{text}</span>")
+            r = float(rel[k])
+            alpha = _MAX_SHADE * min(1.0, math.log(r) / scale) if r > 1.0 else 0.0
+            spans.append(f'<span style="background:rgba(192,57,43,{alpha:.2f})" title="w={w[k]:.4g}">'
+                         f"{text}</span>")
             k += 1
-        blocks.append(f"<div class='seq'><div class='meta'>sequence {int(i)}: {100 * mass[i]:.1f}% of the salience</div>"
-                      f"<pre>{''.join(spans)}</pre></div>")
-    ids_only = "" if tokenizer is not None else " Tokens are shown as [ids]: pass the probe's tokenizer " \
-        "(csv-callback report --tokenizer DIR) to show text."
-    return ("<h2>Probe text by salience</h2><p>Shade: token weight relative to uniform (log scale, darkest = "
-            f"{rel.max():.3g}x uniform); grey text is context that is not scored. Showing {len(order)} of "
-            f"{probe.num_sequences} sequences, most salient first.{ids_only}</p>" + "".join(blocks))
+        blocks.append(f'<div style="border-top:1px solid #eee"><div style="font-size:12px;color:#666">sequence {i}: '
+                      f"{mass[i]:.1%} of the salience</div>"
+                      f'<pre style="white-space:pre-wrap;font-size:13px;line-height:1.5">{"".join(spans)}</pre></div>')
+    ids_only = "" if tokenizer is not None else " Tokens are shown as [ids]: pass the probe's tokenizer to show text."
+    return (f'<div style="color:#222"><p><b>{html.escape(vector.task)}</b>: the {len(order)} of '
+            f"{probe.num_sequences} probe sequences with the most salient tokens ({vector.n_tokens} scored tokens; "
+            f"these hold {mass[order].sum():.1%} of the weight). Shade: weight relative to uniform (log scale, darkest "
+            f"= {rel_max:.3g}x uniform); grey text is context that is not scored.{ids_only}</p>"
+            + "".join(blocks) + "</div>")
 
 
 _NO_PROBE = ("<h2>Probe text by salience</h2><p>Not shown: this report was written without the vector's probe, "
@@ -226,8 +252,7 @@ _PAGE = """<!doctype html>
 <style>
 body {{ font-family: sans-serif; max-width: 1100px; margin: 2em auto; color: #222; }}
 table {{ border-collapse: collapse; margin: 0.5em 0; }} th, td {{ border: 1px solid #ccc; padding: 3px 8px; text-align: left; }}
-img {{ max-width: 100%; }} pre {{ white-space: pre-wrap; font-size: 13px; line-height: 1.5; }}
-.ctx {{ color: #999; }} .best {{ font-weight: bold; }} .seq {{ border-top: 1px solid #eee; }} .meta {{ font-size: 12px; color: #666; }}
+img {{ max-width: 100%; }} .best {{ font-weight: bold; }}
 </style></head>
 <body>
 {body}

@@ -1,98 +1,162 @@
-"""W&B extras of :class:`~csv_callback.callback.SalienceCallback`: metric definitions, a predictions table,
-and an HTML view of the probe text with its most salient tokens highlighted.
+"""W&B extras of a :class:`~csv_callback.evaluator.SalienceEvaluator`, for any training loop: metric
+definitions (a step metric, a ``max``/``min`` summary each), a table of every prediction so far, and an HTML
+view of the probe text with each vector's most salient tokens shaded (:func:`salience_html`, the report's
+renderer).
 
-The scalar metrics themselves reach W&B through Lightning's ``WandbLogger`` like any logged metric; this
-module only adds what a plain scalar cannot show. Every function is a no-op without a ``WandbLogger``.
+The scalar metrics reach W&B however the loop logs metrics (Lightning's ``WandbLogger``, the Trainer's
+``WandbCallback``, ``wandb.log``); these functions add what a scalar cannot show. They take ``wandb`` runs
+(``wandb.init()``'s result, ``wandb.run``, ``WandbLogger.experiment``) and the evaluator. A plain loop::
+
+    run = wandb.init(mode="offline")
+    wandb_view.define_metrics(run, evaluator)
+    wandb_view.log_salience_views(run, evaluator, tokenizer, step=0)      # once: the vectors do not change
+    ...
+    metrics = evaluator.evaluate(model, step, training=True).metrics
+    wandb_view.log_predictions_table(run, evaluator, step=step)
+    wandb.log(metrics, step=step)
+
+:class:`WandbExtras` is what the Lightning and Hugging Face callbacks use: the same calls, each salience view
+once per run, and a failure warns instead of stopping training. ``wandb`` is imported only when a function
+logs, so this module can be imported without it.
 """
 
 from __future__ import annotations
 
-import html
-from typing import Any
+import warnings
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
-import lightning.pytorch as pl
-import numpy as np
-from lightning.pytorch.loggers import WandbLogger
-
+from .evaluator import SalienceEvaluator
 from .probe import ProbeSet
+from .report import salience_html
 from .salience import SalienceVector
 
+if TYPE_CHECKING:
+    from wandb.sdk.wandb_run import Run
+
+__all__ = ["WandbExtras", "define_metrics", "log_predictions_table", "log_salience_views", "salience_html"]
+
 # ``name`` tells apart evaluations at one step (``step-N`` in training, ``eval-...`` of other weights after it).
-_TABLE_COLUMNS = ["step", "task", "pred", "weighted_loss", "extrapolating", "name"]
+TABLE_COLUMNS = ["step", "task", "pred", "weighted_loss", "extrapolating", "name"]
 
 
-def wandb_runs(trainer: pl.Trainer) -> list[Any]:
-    """The ``wandb`` runs of the trainer's ``WandbLogger``\\ s (rank 0 only; others hold dummies)."""
-    return [lg.experiment for lg in trainer.loggers if isinstance(lg, WandbLogger)]
-
-
-def define_metrics(trainer: pl.Trainer, summaries: dict[str, str]) -> None:
-    """Plot each metric against ``trainer/global_step`` and keep its ``summaries[name]`` (e.g. ``"max"``)."""
-    for run in wandb_runs(trainer):
-        run.define_metric("trainer/global_step")
-        for name, summary in summaries.items():
-            run.define_metric(name, step_metric="trainer/global_step", summary=summary)
-
-
-def log_table(trainer: pl.Trainer, history: list[dict[str, Any]], prefix: str) -> None:
-    """Log every prediction so far as one table (W&B tables are immutable, so the whole series each time).
-
-    Logged with ``commit=False``: it joins the history row in which Lightning logs the validation's
-    scalars, so it shares their ``trainer/global_step``.
-    """
-    import wandb
-
-    rows = [[r[c] for c in _TABLE_COLUMNS] for r in sorted(history, key=lambda r: (r["step"], r["name"], r["task"]))]
-    for run in wandb_runs(trainer):
-        run.log({f"{prefix}/predictions": wandb.Table(columns=_TABLE_COLUMNS, data=rows)}, commit=False)
-
-
-def log_salience_view(
-    trainer: pl.Trainer, vector: SalienceVector, probe: ProbeSet, tokenizer: Any, prefix: str
+def define_metrics(
+    runs: Run | Sequence[Run], evaluator: SalienceEvaluator, step_metric: str | None = None, key_prefix: str = ""
 ) -> None:
-    """Log :func:`salience_html` of ``vector`` as ``<prefix>/<task>/salience`` (an HTML panel)."""
+    """Give each of the evaluator's metrics its summary (``max`` for scores, ``min`` for losses) in ``runs``.
+
+    Args:
+        step_metric: the metric to plot them against (Lightning's ``trainer/global_step``, the Trainer's
+            ``train/global_step``); ``None`` keeps W&B's own step, the one ``wandb.log(..., step=...)`` sets.
+        key_prefix: what the logging framework puts before the evaluator's metric names (the Trainer's
+            ``eval/``), so the definitions name the keys that reach W&B.
+    """
+    runs = _check(runs, evaluator, "define_metrics")
+    if not isinstance(key_prefix, str):
+        raise ValueError(f"define_metrics(key_prefix=...) must be a str, got {type(key_prefix).__name__}.")
+    if step_metric is not None and (not isinstance(step_metric, str) or not step_metric):
+        raise ValueError(f"define_metrics(step_metric=...) must be a metric name or None, got {step_metric!r}.")
+    for run in runs:
+        if step_metric is not None:
+            run.define_metric(step_metric)
+        for name, summary in evaluator.metric_summaries().items():
+            run.define_metric(f"{key_prefix}{name}", step_metric=step_metric, summary=summary)
+
+
+def log_predictions_table(runs: Run | Sequence[Run], evaluator: SalienceEvaluator, step: int | None = None) -> None:
+    """Log every prediction so far as ``<prefix>/predictions``, one row per (evaluation, task).
+
+    W&B tables are immutable, so the whole history each time. Logged with ``commit=False``: at ``step`` if
+    given (the step of the ``wandb.log`` it joins), else into the next row the loop commits, as Lightning and
+    the Trainer log an evaluation's scalars right after.
+    """
+    runs = _check(runs, evaluator, "log_predictions_table")
     import wandb
 
-    page = salience_html(vector, probe, tokenizer)
-    for run in wandb_runs(trainer):
-        run.log({f"{prefix}/{vector.task}/salience": wandb.Html(page)}, commit=False)
+    history = sorted(evaluator.history, key=lambda r: (r["step"], r["name"], r["task"]))
+    rows = [[r[c] for c in TABLE_COLUMNS] for r in history]
+    for run in runs:
+        run.log({f"{evaluator.prefix}/predictions": wandb.Table(columns=TABLE_COLUMNS, data=rows)}, step=step,
+                commit=False)
 
 
-def salience_html(vector: SalienceVector, probe: ProbeSet, tokenizer: Any = None, max_sequences: int = 8) -> str:
-    """The ``max_sequences`` probe sequences holding the most salient tokens, as HTML.
+def log_salience_views(
+    runs: Run | Sequence[Run], evaluator: SalienceEvaluator, tokenizer: Any = None, step: int | None = None
+) -> None:
+    """Log :func:`salience_html` of each vector as ``<prefix>/<task>/salience`` (an HTML panel); once per run.
 
-    Each scored token's background is red in proportion to its weight (the largest weight is full red) and
-    its tooltip shows the weight; unscored context tokens are grey. Tokens are decoded one by one with
-    ``tokenizer`` (the probe's own: another raises :class:`~csv_callback.ProbeMismatchError`), or shown as ids
-    without one.
+    ``tokenizer`` must be the probes' own (:class:`~csv_callback.ProbeMismatchError` otherwise); without one
+    tokens are shown as ids. ``step`` as in :func:`log_predictions_table`.
     """
-    vector.check_probe(probe)
-    if tokenizer is not None:
-        probe.check_tokenizer(tokenizer)
-    w = vector.weights
-    so = probe.score_offsets.numpy()
-    cum = np.concatenate([[0.0], np.cumsum(w)])
-    seq_weight = cum[so[1:]] - cum[so[:-1]]
-    seq_peak = np.array([w[a:b].max() if b > a else 0.0 for a, b in zip(so[:-1], so[1:])])
-    top = np.argsort(-seq_peak, kind="stable")[:max_sequences]
-    w_max = float(w.max()) or 1.0
-    parts = [
-        f"<h3>{html.escape(vector.task)}: the {len(top)} probe sequences with the most salient tokens</h3>",
-        f"<p>{vector.n_tokens} scored tokens; weight of these sequences: {seq_weight[top].sum():.1%}. "
-        "Red = salient (darker = larger weight); grey = context, not scored.</p>",
-    ]
-    for i in top:
-        ids, scored = probe.sequence(int(i))
-        weights = iter(w[so[i] : so[i + 1]])
-        spans = []
-        for tok_id, is_scored in zip(ids.tolist(), scored.tolist()):
-            text = html.escape(tokenizer.decode([tok_id]) if tokenizer is not None else f"[{tok_id}]")
-            if is_scored:
-                wt = float(next(weights))
-                spans.append(f'<span title="w={wt:.3g}" style="background:rgba(220,0,0,{wt / w_max:.3f})">{text}</span>')
-            else:
-                spans.append(f'<span style="color:#999">{text}</span>')
-        parts.append(
-            f"<p style='font-family:monospace;white-space:pre-wrap'><b>#{i} ({seq_weight[i]:.1%})</b> {''.join(spans)}</p>"
-        )
-    return "\n".join(parts)
+    runs = _check(runs, evaluator, "log_salience_views")
+    for vector, probe in _vectors(evaluator):
+        _log_view(runs, evaluator.prefix, vector, probe, tokenizer, step)
+
+
+def _vectors(evaluator: SalienceEvaluator) -> list[tuple[SalienceVector, ProbeSet]]:
+    return [(v, p) for p in evaluator.probes for v in evaluator.groups[p.fingerprint]]
+
+
+def _log_view(runs: list[Run], prefix: str, vector: SalienceVector, probe: ProbeSet, tokenizer: Any,
+              step: int | None) -> None:
+    import wandb
+
+    page = wandb.Html(salience_html(vector, probe, tokenizer))
+    for run in runs:
+        run.log({f"{prefix}/{vector.task}/salience": page}, step=step, commit=False)
+
+
+class WandbExtras:
+    """The W&B extras of one evaluator inside a training framework: what its callback calls.
+
+    Every failure (a full disk under the run's media, a W&B error) warns with a ``RuntimeWarning`` naming
+    what was lost, and the run goes on: hours of training matter more than a table.
+    """
+
+    def __init__(self, evaluator: SalienceEvaluator) -> None:
+        if not isinstance(evaluator, SalienceEvaluator):
+            raise ValueError(f"WandbExtras(evaluator=...) takes a SalienceEvaluator, got {type(evaluator).__name__}.")
+        self.evaluator = evaluator
+        self._defined: set[tuple[str, str]] = set()  # (run id, key prefix)
+        self._viewed: set[str] = set()  # ids of the runs that have the salience views
+
+    def define_metrics(self, runs: Sequence[Run], step_metric: str | None, key_prefix: str = "") -> None:
+        """:func:`define_metrics` in each run that has not had them under ``key_prefix``."""
+        new = [r for r in runs if (r.id, key_prefix) not in self._defined]
+        if new:
+            self._guarded("define the W&B metrics", define_metrics, new, self.evaluator, step_metric, key_prefix)
+            self._defined |= {(r.id, key_prefix) for r in new}
+
+    def after_evaluation(self, runs: Sequence[Run], tokenizer: Any = None) -> None:
+        """The predictions table, and in a run that has none yet, the salience views (a failed view is not
+        retried: it would fail again). Nothing without vectors: nothing was predicted."""
+        if not self.evaluator.vectors or not runs:
+            return
+        self._guarded("log the predictions table to W&B", log_predictions_table, runs, self.evaluator)
+        new = [r for r in runs if r.id not in self._viewed]
+        if new:
+            for vector, probe in _vectors(self.evaluator):
+                self._guarded(f"log the salience view of {vector.task!r} to W&B", _log_view, new,
+                              self.evaluator.prefix, vector, probe, tokenizer, None)
+            self._viewed |= {r.id for r in new}
+
+    def _guarded(self, what: str, fn: Callable[..., None], *args: Any) -> None:
+        try:
+            fn(*args)
+        except Exception as e:  # hours of training matter more than one lost side output
+            warnings.warn(f"{self.evaluator.owner} could not {what} ({type(e).__name__}: {e}); training continues.",
+                          RuntimeWarning, stacklevel=3)
+
+
+def _check(runs: Any, evaluator: Any, where: str) -> list[Run]:
+    """``runs`` as a list of W&B runs, or a ValueError that says what was passed instead."""
+    from wandb.sdk.wandb_run import Run
+
+    if not isinstance(evaluator, SalienceEvaluator):
+        raise ValueError(f"{where}(evaluator=...) takes a SalienceEvaluator, got {type(evaluator).__name__}.")
+    items = list(runs) if isinstance(runs, (list, tuple)) else [runs]
+    bad = [type(r).__name__ for r in items if not isinstance(r, Run)]
+    if bad:
+        raise ValueError(f"{where}(runs=...) takes W&B runs (what wandb.init() returns, wandb.run, or a "
+                         f"WandbLogger's .experiment), got {bad}; is a W&B run active?")
+    return items
