@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 from operator import attrgetter
-from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -23,7 +22,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 
-from .evaluator import Evaluation, SalienceEvaluator, Sharding
+from .evaluator import Evaluation, EvaluatorViews, SalienceEvaluator, Sharding
 from .probe import ProbeSet
 from .salience import SalienceVector
 from .wandb_view import WandbExtras
@@ -32,7 +31,7 @@ PathLike = str | os.PathLike
 _OWNER = "SalienceCallback"
 
 
-class SalienceCallback(Callback):
+class SalienceCallback(EvaluatorViews, Callback):
     r"""Log predicted downstream scores of the model being trained after every validation.
 
     Args:
@@ -117,27 +116,6 @@ class SalienceCallback(Callback):
         self._loaded_step: int | None = None  # global_step of the checkpoint this trainer call loaded
         self._model_checked = False
         self._wandb = WandbExtras(self.evaluator)
-
-    @property
-    def vectors(self) -> list[SalienceVector]:
-        return self.evaluator.vectors
-
-    @property
-    def probes(self) -> list[ProbeSet]:
-        return self.evaluator.probes
-
-    @property
-    def prefix(self) -> str:
-        return self.evaluator.prefix
-
-    @property
-    def save_dir(self) -> Path | None:
-        return self.evaluator.save_dir
-
-    @property
-    def history(self) -> list[dict[str, Any]]:
-        """One row per (evaluation, task): name, step, task, pred, weighted_loss, extrapolating."""
-        return self.evaluator.history
 
     # ------------------------------------------------------------------ Lightning state
     @property

@@ -136,8 +136,11 @@ class SalienceEvaluator:
                 "per-token losses (e.g. to fit the first vectors later)."
             )
         self.vectors = [self._load(v, SalienceVector, "vectors") for v in vector_list]
-        probes = [self._load(p, ProbeSet, "probe") for p in self._as_list(probe, "probe")]
-        self.probes = list({p.fingerprint: p for p in reversed(probes)}.values())[::-1]
+        unique: dict[str, ProbeSet] = {}
+        for p in self._as_list(probe, "probe"):  # a probe given twice is scored once, in the order first given
+            p = self._load(p, ProbeSet, "probe")
+            unique.setdefault(p.fingerprint, p)
+        self.probes = list(unique.values())
         self.groups = self._match()
         self.batch_size = batch_size
         self.save_dir = Path(save_dir) if save_dir is not None else None
@@ -495,6 +498,33 @@ class SalienceEvaluator:
         if state.get("run_id"):
             self.run_id = str(state["run_id"])
         self._last = None
+
+
+class EvaluatorViews:
+    """What every framework adapter shows of its :class:`SalienceEvaluator` (``self.evaluator``), read-only."""
+
+    evaluator: SalienceEvaluator
+
+    @property
+    def vectors(self) -> list[SalienceVector]:
+        return self.evaluator.vectors
+
+    @property
+    def probes(self) -> list[ProbeSet]:
+        return self.evaluator.probes
+
+    @property
+    def prefix(self) -> str:
+        return self.evaluator.prefix
+
+    @property
+    def save_dir(self) -> Path | None:
+        return self.evaluator.save_dir
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        """One row per (evaluation, task): name, step, task, pred, weighted_loss, extrapolating."""
+        return self.evaluator.history
 
 
 def _legacy_row(row: dict[str, Any]) -> dict[str, Any]:

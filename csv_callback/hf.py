@@ -52,7 +52,7 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
-from .evaluator import SalienceEvaluator, weights_key, torch_distributed_sharding
+from .evaluator import EvaluatorViews, SalienceEvaluator, torch_distributed_sharding, weights_key
 from .probe import ProbeSet
 from .salience import SalienceVector
 
@@ -60,7 +60,7 @@ _OWNER = "SalienceTrainerCallback"
 PathLike = str | os.PathLike
 
 
-class SalienceTrainerCallback(TrainerCallback, ExportableState):
+class SalienceTrainerCallback(EvaluatorViews, TrainerCallback, ExportableState):
     """Add predicted downstream scores to a ``transformers.Trainer``'s evaluation metrics.
 
     Args:
@@ -90,18 +90,9 @@ class SalienceTrainerCallback(TrainerCallback, ExportableState):
         self._best: tuple[tuple, str] | None = None  # (weights key, checkpoint) after load_best_model_at_end
 
     @property
-    def vectors(self) -> list[SalienceVector]:
-        return self.evaluator.vectors
-
-    @property
     def probe(self) -> ProbeSet:
         """The probe (the first one, with several)."""
         return self.evaluator.probes[0]
-
-    @property
-    def history(self) -> list[dict[str, Any]]:
-        """One row per (evaluation, task): name, step, task, pred, weighted_loss, extrapolating."""
-        return self.evaluator.history
 
     def state(self) -> dict[str, Any]:
         """What ``trainer_state.json`` keeps of this callback (``transformers.trainer_callback.ExportableState``)."""
