@@ -12,7 +12,11 @@ with the same dict, and returns that dict to the best-model logic. The callback 
 ``on_log`` when it sees evaluation metrics, so later callbacks, ``on_evaluate`` (EarlyStoppingCallback),
 ``metric_for_best_model`` and ``state.log_history`` all see them. The ``report_to`` trackers (W&B,
 TensorBoard, ...) are callbacks that run before user callbacks, so for them to receive the scores the
-callback must run first: attach it with ``SalienceTrainerCallback(...).attach(trainer)``.
+callback must run first: attach it with ``SalienceTrainerCallback(...).attach(trainer)``. When the Trainer reports
+to W&B (``"wandb" in args.report_to`` and a run is active), the callback adds to that run the W&B extras of
+:mod:`csv_callback.wandb_view`, as the Lightning callback does: with each evaluation the table of all
+predictions (``csv/predictions``) and, once per run, each vector's salience view (``csv/<task>/salience``).
+The scalars keep ``WandbCallback``'s step (``train/global_step``) and W&B's default summary (the last value).
 
 The work is done by :class:`~csv_callback.evaluator.SalienceEvaluator`, as in the Lightning callback, so the
 options and behaviour are the same: several probes, collect-only (``vectors=None`` with a ``save_dir``), a
@@ -55,6 +59,7 @@ from transformers.trainer_callback import ExportableState
 from .evaluator import EvaluatorViews, SalienceEvaluator, torch_distributed_sharding, weights_key
 from .probe import ProbeSet
 from .salience import SalienceVector
+from .wandb_view import WandbExtras
 
 _OWNER = "SalienceTrainerCallback"
 PathLike = str | os.PathLike
@@ -88,6 +93,7 @@ class SalienceTrainerCallback(EvaluatorViews, TrainerCallback, ExportableState):
         self._model_checked = False
         self._training = False  # between on_train_begin and on_train_end: faults warn instead of raising
         self._best: tuple[tuple, str] | None = None  # (weights key, checkpoint) after load_best_model_at_end
+        self._wandb = WandbExtras(self.evaluator)
 
     @property
     def probe(self) -> ProbeSet:
@@ -139,7 +145,7 @@ class SalienceTrainerCallback(EvaluatorViews, TrainerCallback, ExportableState):
         if args.load_best_model_at_end and state.best_model_checkpoint and model is not None:
             self._best = (weights_key(model), state.best_model_checkpoint)
 
-    def on_log(self, args, state, control, logs=None, model=None, **kwargs):
+    def on_log(self, args, state, control, logs=None, model=None, processing_class=None, **kwargs):
         prefix = _eval_prefix(logs)
         if prefix is None or model is None:
             return
@@ -149,12 +155,22 @@ class SalienceTrainerCallback(EvaluatorViews, TrainerCallback, ExportableState):
         runtime = f"{prefix}_runtime"
         if state.log_history and state.log_history[-1].get(runtime) == logs[runtime]:
             state.log_history[-1].update(added)
+        run = _wandb_run(args) if state.is_world_process_zero else None
+        if run is not None:
+            self._log_wandb(run, processing_class)
 
     def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):
         # Normally on_log has filled ``metrics`` already; this covers trainers that evaluate without logging.
         prefix = _eval_prefix(metrics)
         if prefix is not None and model is not None and f"{prefix}_{self.evaluator.prefix}/nonfinite_losses" not in metrics:
             metrics.update(self._metrics(model, state, prefix))
+
+    # ------------------------------------------------------------------ W&B extras
+    def _log_wandb(self, run: Any, processing_class: Any) -> None:
+        """The predictions table and (once) the salience views, into the row ``WandbCallback`` is about to log
+        the evaluation's scalars in (this callback runs first: ``attach``)."""
+        tokenizer = processing_class if hasattr(processing_class, "get_vocab") else None
+        self._wandb.after_evaluation([run], tokenizer)
 
     # ------------------------------------------------------------------ computation
     def _check_model(self, model: torch.nn.Module) -> None:
@@ -178,6 +194,16 @@ class SalienceTrainerCallback(EvaluatorViews, TrainerCallback, ExportableState):
             tokens_seen=float(state.num_input_tokens_seen) if state.num_input_tokens_seen else None,
             sharding=torch_distributed_sharding(device))
         return {f"{prefix}_{k}": v for k, v in evaluation.metrics.items()}
+
+
+def _wandb_run(args: Any) -> Any:
+    """The W&B run the Trainer's ``WandbCallback`` logs into, or None when the Trainer does not report to W&B."""
+    report_to = [args.report_to] if isinstance(args.report_to, str) else list(args.report_to or [])
+    if "wandb" not in report_to:
+        return None
+    import wandb  # the Trainer's WandbCallback has imported it already
+
+    return wandb.run
 
 
 def _eval_prefix(logs: dict[str, Any] | None) -> str | None:
