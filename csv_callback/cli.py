@@ -16,14 +16,14 @@ import json
 import os
 import re
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ._rows import weighted_losses
-from .fit import PRIORS, fit_salience
+from .fit import PRIORS
 from .probe import ProbeMismatchError, ProbeSet
 from .salience import SalienceVector
 from .store import LossStore, LossTable, load_losses
@@ -236,7 +236,7 @@ def cmd_collect(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------- fit
 def cmd_fit(args: argparse.Namespace) -> int:
-    from .lmeval import read_mapping, scores_from_csv, scores_from_lmeval
+    from .fit_store import fit_from_store
 
     for root in map(Path, args.losses):  # even --force must not turn a store's own file into a vector
         target = Path(args.out).resolve()
@@ -244,92 +244,21 @@ def cmd_fit(args: argparse.Namespace) -> int:
             raise ValueError(f"--out {args.out} is a file of the loss store {root}, which a vector would break; write "
                              f"it elsewhere, e.g. {root / (args.task + '.safetensors')}.")
     out = _output_file(args.out, args.force)
-    stores = [LossStore(root) for root in args.losses]
-    for store in stores:
-        if store.fingerprint is None:
-            raise ValueError(f"{store.root} is not a loss store (no probe.safetensors); run csv-callback collect first.")
-    probe = stores[0].probe()
-    table = load_losses(args.losses, probe.fingerprint)
-    rows: list[dict[str, str]] | None = None
-    if args.lmeval:
-        mapping = read_mapping(args.mapping) if args.mapping else None
-        scores = scores_from_lmeval(args.lmeval, args.task, table.names, [e.get("path") for e in table.extra],
-                                    metric=args.metric, filter=args.filter, mapping=mapping,
-                                    checkpoint_stores=_stores_of(args.losses, table.names))
-    else:
-        scores, rows = scores_from_csv(args.scores, args.score_column)
-    by_name = {s.checkpoint: s for s in scores}
-    unknown = sorted(set(by_name) - set(table.names))
-    if unknown:
-        raise ValueError(f"scores name checkpoint(s) {unknown[:5]} that are not in {', '.join(args.losses)} "
-                         f"(it has e.g. {table.names[:5]}); collect them or fix the names.")
-    keep = [i for i, name in enumerate(table.names) if name in by_name]
-    if len(keep) < len(table.names):
-        print(f"note: {len(table.names) - len(keep)} stored checkpoint(s) have no {args.task} score and are left out.",
-              file=sys.stderr)
-    X = _select_rows(table.losses, keep)
-    names = [table.names[i] for i in keep]
-    y = np.array([by_name[n].value for n in names])
-    groups = _groups(args.groups, names, rows) if args.groups else None
-    sv = fit_salience(X, y, groups=groups, probe=probe, task=args.task, metric=args.metric, n_folds=args.folds,
-                      seed=args.seed, priors=args.priors, anchor=args.anchor, score_range=args.score_range)
-    # What the report needs to redraw the fit without the scores' sources.
-    sv.fit_report.update(checkpoints=names, groups=None if groups is None else list(groups),
-                         weighted_loss=weighted_losses(sv, X).tolist(),
-                         score_sources=[by_name[n].source for n in names])
+    with warnings.catch_warnings(record=True) as notes:
+        warnings.simplefilter("always")
+        sv = fit_from_store(args.losses, args.task, lmeval=args.lmeval, scores=args.scores, metric=args.metric,
+                            filter=args.filter, mapping=args.mapping, score_column=args.score_column,
+                            groups=args.groups, n_folds=args.folds, seed=args.seed, priors=args.priors,
+                            anchor=args.anchor, score_range=args.score_range)
+    for note in notes:
+        print(f"note: {note.message}", file=sys.stderr)
     out.parent.mkdir(parents=True, exist_ok=True)
     sv.save(out)
-    print(f"{out}: {args.task} {args.metric} from {len(names)} checkpoints, probe {probe.fingerprint}, "
-          f"prior {sv.fit_report['prior']}, lambda {sv.fit_report['lam']:.3g}, "
+    print(f"{out}: {args.task} {args.metric} from {sv.fit_report['n_checkpoints']} checkpoints, probe "
+          f"{sv.probe_fingerprint}, prior {sv.fit_report['prior']}, lambda {sv.fit_report['lam']:.3g}, "
           f"{sv.fit_report['effective_tokens']:.0f} effective tokens of {sv.n_tokens}")
     print(format_cv_table(sv.fit_report))
     return 0
-
-
-def _stores_of(roots: list[str], names: list[str]) -> list[tuple[Path, str]]:
-    """``[m]`` (loss store, name within it) of each checkpoint of ``load_losses(roots)``, which names those of
-    several stores ``<store>/<name>``, ``<store>`` being the store's path relative to the stores' common parent."""
-    if len(roots) == 1:
-        return [(Path(roots[0]), n) for n in names]
-    parent = os.path.commonpath([Path(r).resolve() for r in roots])
-    labels = sorted(((Path(r).resolve().relative_to(parent).as_posix() + "/", Path(r)) for r in roots),
-                    key=lambda lr: -len(lr[0]))  # a store nested in another has the longer label
-    return [next((root, n[len(label):]) for label, root in labels if n.startswith(label)) for n in names]
-
-
-def _select_rows(X: np.ndarray, keep: list[int]) -> np.ndarray:
-    """Rows ``keep`` (ascending) of X, compacted in place: no second copy of a matrix that can be gigabytes."""
-    if len(keep) == X.shape[0]:
-        return X
-    for dst, src in enumerate(keep):
-        if dst != src:
-            X[dst] = X[src]
-    return X[: len(keep)]
-
-
-def _groups(spec: str, names: list[str], rows: list[dict[str, str]] | None) -> list[str]:
-    """Group labels ``[m]`` from ``re:REGEX`` or ``col:NAME`` (see ``fit --help``)."""
-    kind, _, arg = spec.partition(":")
-    if kind == "re":
-        try:
-            pattern = re.compile(arg)
-        except re.error as e:
-            raise ValueError(f"--groups {spec!r}: bad regular expression ({e}).") from None
-        out = []
-        for n in names:
-            m = pattern.search(n)
-            if m is None:
-                raise ValueError(f"--groups {spec!r} does not match checkpoint {n!r}; every checkpoint needs a group.")
-            out.append(m.group(1) if pattern.groups else m.group(0))
-        return out
-    if kind == "col":
-        if rows is None:
-            raise ValueError("--groups col:NAME reads a column of --scores; with --lmeval use --groups re:REGEX.")
-        if arg not in rows[0]:
-            raise ValueError(f"--groups {spec!r}: --scores has no column {arg!r}; it has {sorted(rows[0])}.")
-        col = {r["checkpoint"]: r[arg] for r in rows}
-        return [col[n] for n in names]
-    raise ValueError(f"--groups must be 're:REGEX' or 'col:NAME', got {spec!r}.")
 
 
 def format_cv_table(report: dict[str, Any]) -> str:
@@ -381,7 +310,7 @@ def predictions(table: LossTable, vectors: dict[str, SalienceVector]) -> list[di
     out = []
     per_vector = []
     for path, sv in vectors.items():
-        wl = weighted_losses(sv, table.losses, table.fingerprint)
+        wl = np.asarray(sv.weighted_loss(table.losses, table.fingerprint))
         per_vector.append((path, sv, wl, np.asarray(sv.link(wl)), np.asarray(sv.extrapolates(wl))))
     for i, name in enumerate(table.names):
         for path, sv, wl, pred, extra in per_vector:

@@ -16,7 +16,6 @@ from typing import Any
 
 import numpy as np
 
-from ._rows import weighted_losses
 from .probe import ProbeSet
 from .salience import SalienceVector
 from .store import LossTable
@@ -39,8 +38,8 @@ def write_report(
     """Write ``out_dir/index.html`` and its PNGs; returns the HTML path.
 
     Args:
-        sv: a vector from ``fit_salience`` (its ``fit_report`` supplies the cross-validation data; the
-            fit_report of ``csv-callback fit`` also carries each checkpoint's name and weighted loss).
+        sv: a vector from ``fit_salience`` (its ``fit_report`` supplies the cross-validation data and each
+            fitted checkpoint's group and weighted loss).
         probe: the vector's probe, for the salience text (skipped without it).
         table: losses of more checkpoints (e.g. a whole run), drawn on the link curve as predictions.
         tokenizer: decodes probe tokens; without it tokens are shown as ids. It must be the probe's tokenizer
@@ -134,7 +133,7 @@ def _link_figure(sv: SalienceVector, table: LossTable | None):
         xs += list(rep["weighted_loss"])
         ax.scatter(rep["weighted_loss"], rep["scores"], s=20, color="black", label="fitted checkpoints (actual)", zorder=3)
     if table is not None:
-        wl = weighted_losses(sv, table.losses, table.fingerprint)
+        wl = np.asarray(sv.weighted_loss(table.losses, table.fingerprint))
         xs += wl.tolist()
         ax.scatter(wl, sv.link(wl), s=22, facecolors="none", edgecolors=_METHOD_COLOURS["csv"],
                    label="stored checkpoints (predicted)", zorder=4)

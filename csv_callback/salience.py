@@ -25,7 +25,8 @@ from scipy.special import expit
 from safetensors import SafetensorError, safe_open
 
 from ._checks import as_float_array, as_float_tuple, parse_json, require_json_depth, require_str
-from .probe import ProbeMismatchError, ProbeSet, atomic_save, malformed_file, read_safetensors
+from .files import atomic_save, malformed_file, read_safetensors
+from .probe import ProbeMismatchError, ProbeSet
 
 # Format 2 added score_range; format 1 files are still read (see SalienceVector.score_range for their range).
 FORMAT = "csv_callback.salience/2"
@@ -34,6 +35,8 @@ _META_KEYS_1 = ("link", "task", "metric", "probe_fingerprint", "tokenizer_hash",
 _META_KEYS = (*_META_KEYS_1, "score_range")
 _LINK_KEYS = ("lo", "hi", "k", "L0")
 _RANGE_RTOL = 1e-9
+# weighted_loss converts its input to float64 this many bytes at a time: small next to a table of gigabytes.
+_CHUNK_BYTES = 2**27
 # fit_salience's reports nest 3 levels; the limit keeps json.dumps and the report's walks clear of Python's
 # recursion limit, wherever in a deep call stack (a Trainer's callbacks) a vector is loaded or saved.
 _REPORT_DEPTH = 32
@@ -100,6 +103,43 @@ class SigmoidLink:
     def __call__(self, loss: np.ndarray | float) -> np.ndarray:
         """Score(s) for loss(es) of any shape."""
         return self.lo + (self.hi - self.lo) * expit(-self.k * (np.asarray(loss, dtype=np.float64) - self.L0))
+
+    # The coordinates fit_link and the joint solver optimise: p = (span, L0, k, hi) with lo = hi - span, the OLMo
+    # ladder's (a = -span, L0, k, b = hi), whose box bounds (:func:`link_bounds`) keep an accuracy curve inside
+    # [0, 1] at its low-loss end.
+    @property
+    def params(self) -> np.ndarray:
+        """float64 ``[4]``: ``(hi - lo, L0, k, hi)``, the link as :func:`link_bounds` and :func:`link_curve` take it."""
+        return np.array([self.hi - self.lo, self.L0, self.k, self.hi], dtype=np.float64)
+
+    @classmethod
+    def from_params(cls, p: np.ndarray) -> SigmoidLink:
+        """The link of parameters ``p`` ``[4]`` (see :attr:`params`)."""
+        span, L0, k, hi = (float(v) for v in p)
+        return cls(lo=hi - span, hi=hi, k=k, L0=L0)
+
+
+def link_bounds(score_range: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
+    """float64 ``[4]`` lower and upper bounds of :attr:`SigmoidLink.params` for a link of ``score_range``: within a
+    bounded ``(a, b)``, ``hi - lo`` in ``[0, b - a]``, ``L0 >= 0``, ``k > 0`` and ``hi`` in ``[a, b]`` (for
+    ``(0, 1)`` the OLMo ladder's box, to the bit); an unbounded range leaves ``lo``, ``hi`` and ``L0`` free."""
+    a, b = score_range
+    if score_range != UNBOUNDED:
+        return np.array([0.0, 0.0, 1e-8, a]), np.array([b - a, np.inf, np.inf, b])
+    return np.array([0.0, -np.inf, 1e-8, -np.inf]), np.array([np.inf, np.inf, np.inf, np.inf])
+
+
+def link_curve(p: np.ndarray, L: np.ndarray, grad: bool = False):
+    """Scores ``[m]`` of the link of parameters ``p`` ``[4]`` (see :attr:`SigmoidLink.params`) at losses ``L``
+    ``[m]``; with ``grad`` also d score / d L ``[m]`` and d score / d p ``[m, 4]`` (else None for both)."""
+    span, L0, k, hi = p
+    sig = expit(-k * (L - L0))
+    s = hi - span * (1.0 - sig)
+    if not grad:
+        return s, None, None
+    d = span * sig * (1.0 - sig)  # d s / d u, u = -k (L - L0)
+    ds_dp = np.stack([sig - 1.0, d * k, -d * (L - L0), np.ones_like(L)], axis=1)
+    return s, -d * k, ds_dp
 
 
 @dataclass
@@ -186,7 +226,8 @@ class SalienceVector:
 
         ``fingerprint``, when given, is the probe fingerprint the losses were computed on; a mismatch, or a
         vector without a fingerprint (see :meth:`check_probe`), raises :class:`ProbeMismatchError`. NaN/inf
-        losses raise ValueError.
+        losses raise ValueError. A large table is converted to float64 a chunk of rows at a time (128 MiB of
+        float64 each), so a float32 table of gigabytes is never copied whole.
         """
         if fingerprint is not None:
             self._require_fingerprint(fingerprint)
@@ -195,14 +236,28 @@ class SalienceVector:
                     f"these losses come from probe {fingerprint}, but salience vector {self.task!r} was fitted on "
                     f"probe {self.probe_fingerprint}; compute the losses on the vector's own probe."
                 )
-        x = as_float_array(losses, "losses", (1, 2))
-        if x.shape[-1] != self.n_tokens:
+        rows = max(1, _CHUNK_BYTES // (8 * self.n_tokens))
+        if isinstance(losses, (np.ndarray, torch.Tensor)) and losses.ndim == 2 and len(losses) > rows:
+            # A float32 table of gigabytes: float64 a chunk of rows at a time, never a float64 copy of it all.
+            self._require_tokens(losses.shape[-1])
+            return np.concatenate([self._weighted_rows(losses[a : a + rows], f"losses[{a}:{a + rows}]")
+                                   for a in range(0, len(losses), rows)])
+        wl = self._weighted_rows(losses, "losses")
+        return float(wl) if wl.ndim == 0 else wl
+
+    def _weighted_rows(self, losses: Any, name: str) -> np.ndarray:
+        """float64 ``[]`` or ``[m]``: ``losses`` ``[n_tokens]`` or ``[m, n_tokens]`` (called ``name`` in errors),
+        checked and converted to float64, times the weights."""
+        x = as_float_array(losses, name, (1, 2))
+        self._require_tokens(x.shape[-1])
+        return x @ self.weights
+
+    def _require_tokens(self, n: int) -> None:
+        if n != self.n_tokens:
             raise ProbeMismatchError(
-                f"losses have {x.shape[-1]} tokens per row but salience vector {self.task!r} has {self.n_tokens}; "
+                f"losses have {n} tokens per row but salience vector {self.task!r} has {self.n_tokens}; "
                 "the losses were computed on a different probe."
             )
-        wl = x @ self.weights
-        return float(wl) if x.ndim == 1 else wl
 
     def _require_fingerprint(self, against: str) -> None:
         """Raise :class:`ProbeMismatchError` if this vector has no probe fingerprint to compare with probe

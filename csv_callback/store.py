@@ -38,8 +38,8 @@ import torch
 from safetensors import safe_open
 
 from ._checks import as_float_array, require_str
-from .probe import (NAME_MAX, ProbeMismatchError, ProbeSet, atomic_save, atomic_write, remove_stale_temps,
-                    require_regular_file)
+from .files import NAME_MAX, atomic_save, atomic_write, remove_stale_temps, require_regular_file
+from .probe import ProbeMismatchError, ProbeSet
 
 FORMAT = "csv_callback.losses/1"
 RUN_FORMAT = "csv_callback.run/1"

@@ -137,17 +137,18 @@ def test_fit_is_bit_reproducible(ladder, fitted):
 
 def test_a_path_does_not_depend_on_the_paths_solved_with_it(ladder):
     """The folds' paths run in lock step with batched products; a path alone gives the identical result."""
-    from csv_callback.fit import _LAMBDA_GRID, _centre, _Prior, _solve_paths
+    from csv_callback.fit import _LAMBDA_GRID, _fit_paths
     from csv_callback.salience import FRACTION
+    from csv_callback.solver import Prior, centre
 
     X, y = ladder.losses, ladder.scores
-    centred = _centre(X, ladder.salient)
-    uniform, answer = (_Prior.named(name, ladder.salient, X.shape[1]) for name in ("uniform", "answer"))
+    centred = centre(X, ladder.salient)
+    uniform, answer = (Prior.named(name, ladder.salient, X.shape[1]) for name in ("uniform", "answer"))
     train = ladder.groups != ladder.groups[0]
     for prior, other in ((uniform, answer), (answer, uniform)):
         others = [(np.ones(len(y), bool), other), (~train, prior), (train, other)]
-        together = _solve_paths(X, centred, y, [(train, prior)] + others, _LAMBDA_GRID[:3], FRACTION, None)[0]
-        alone = _solve_paths(X, centred, y, [(train, prior)], _LAMBDA_GRID[:3], FRACTION, None)[0]
+        together = _fit_paths(X, centred, y, [(train, prior)] + others, _LAMBDA_GRID[:3], FRACTION, None)[0]
+        alone = _fit_paths(X, centred, y, [(train, prior)], _LAMBDA_GRID[:3], FRACTION, None)[0]
         for a, b in zip(together, alone):
             assert np.array_equal(a.coef, b.coef) and np.array_equal(a.loss, b.loss) and a.link == b.link
 
@@ -169,16 +170,16 @@ def test_fit_makes_no_copy_of_the_losses():
 
 def test_a_failing_path_stops_the_fit_without_hanging(ladder, monkeypatch):
     """The paths wait for each other every evaluation; one path's error must reach the caller, not deadlock."""
-    from csv_callback import fit
+    from csv_callback import solver
 
-    real = fit._Path.link_terms
+    real = solver._Path.link_terms
 
     def failing(self, x, L):
         if self.train.all():  # only the final fit's path fails; the folds' paths are waiting for it
             raise FloatingPointError("injected")
         return real(self, x, L)
 
-    monkeypatch.setattr(fit._Path, "link_terms", failing)
+    monkeypatch.setattr(solver._Path, "link_terms", failing)
     with pytest.raises(FloatingPointError, match="injected"):
         fit_salience(ladder.losses, ladder.scores, groups=ladder.groups)
 
@@ -200,18 +201,18 @@ def test_cross_validation_chooses_the_prior(ladder, fitted):
 
 
 def test_answer_prior_is_a_distribution_with_the_answer_share():
-    from csv_callback.fit import _ANSWER_PRIOR_MASS, _centre, _Prior
+    from csv_callback.solver import ANSWER_PRIOR_MASS, Prior, centre
 
     rng = np.random.default_rng(0)
     X = rng.uniform(1, 4, (6, 50)).astype(np.float32)
     answer = np.zeros(50, bool)
     answer[[3, 17, 18, 40]] = True
-    centred = _centre(X, answer)
+    centred = centre(X, answer)
     for name in ("uniform", "answer"):
-        prior = _Prior.named(name, answer, 50)
+        prior = Prior.named(name, answer, 50)
         p = np.exp(prior.log_p(answer, 50))
         assert p.sum() == pytest.approx(1.0, abs=1e-12)
-        assert p[answer].sum() == pytest.approx(_ANSWER_PRIOR_MASS if name == "answer" else 4 / 50, abs=1e-12)
+        assert p[answer].sum() == pytest.approx(ANSWER_PRIOR_MASS if name == "answer" else 4 / 50, abs=1e-12)
         # the weighted loss where every path starts (w = p), without a pass over X
         np.testing.assert_allclose(prior.mean_loss(centred), X.astype(np.float64) @ p, rtol=1e-6)
 
@@ -421,3 +422,20 @@ def test_a_vector_fitted_without_a_probe_is_refused_by_check_probe(text_probe):
         sv.check_probe(text_probe)
     sv.probe_fingerprint = text_probe.fingerprint  # the documented way out, once the losses are known to match
     sv.check_probe(text_probe)
+
+
+def test_weighted_loss_of_a_large_table_goes_in_row_chunks(ladder, fitted, monkeypatch):
+    """A table larger than one chunk is converted to float64 a chunk of rows at a time (the CLI's predict and fit
+    read gigabytes of float32); its values are those of the whole table, and a bad entry is named by chunk."""
+    from csv_callback import salience
+
+    whole = fitted.weighted_loss(ladder.losses)
+    monkeypatch.setattr(salience, "_CHUNK_BYTES", 5 * 8 * ladder.losses.shape[1])  # 5 rows per chunk
+    np.testing.assert_allclose(fitted.weighted_loss(ladder.losses), whole, rtol=1e-13)
+    np.testing.assert_allclose(fitted.weighted_loss(torch.from_numpy(ladder.losses)), whole, rtol=1e-13)
+    bad = ladder.losses.copy()
+    bad[12, 7] = np.nan
+    with pytest.raises(ValueError, match=r"losses\[10:15\] contains 1 non-finite value\(s\).* at index \(2, 7\)"):
+        fitted.weighted_loss(bad)
+    with pytest.raises(ProbeMismatchError, match="different probe"):
+        fitted.weighted_loss(ladder.losses[:, :-1])

@@ -6,7 +6,8 @@ import torch
 from safetensors import safe_open
 
 from csv_callback import ProbeSet
-from csv_callback.probe import ProbeMismatchError, atomic_save
+from csv_callback.files import atomic_save
+from csv_callback.probe import ProbeMismatchError
 from csv_callback.store import LossStore, load_losses
 
 

@@ -22,7 +22,7 @@ import pytest
 from safetensors import safe_open
 
 from csv_callback import ProbeSet
-from csv_callback.probe import atomic_save
+from csv_callback.files import atomic_save
 from csv_callback.store import LossStore, file_name, load_losses
 from offline_helpers import subprocess_env
 
