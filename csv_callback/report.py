@@ -213,7 +213,11 @@ def salience_html(vector: SalienceVector, probe: ProbeSet, tokenizer: Any = None
     so = probe.score_offsets.numpy()
     cum = np.concatenate([[0.0], np.cumsum(w)])
     mass = cum[so[1:]] - cum[so[:-1]]
-    peak = np.array([w[a:b].max() if b > a else -1.0 for a, b in zip(so[:-1], so[1:])])
+    # Each sequence's largest weight; a sequence without scored tokens ranks last. Empty segments have no width,
+    # so the starts of the others delimit exactly their own tokens.
+    has_scored = np.diff(so) > 0
+    peak = np.full(probe.num_sequences, -1.0)
+    peak[has_scored] = np.maximum.reduceat(w, so[:-1][has_scored])
     order = np.lexsort((-mass, -peak))[:top]  # by peak weight, then by share
     blocks = []
     for i in order.tolist():

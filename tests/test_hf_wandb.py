@@ -64,7 +64,8 @@ def test_hf_run_holds_the_predictions_table_and_one_salience_view(hf_wandb_run):
     cb, vector, probe, tokenizer, run_dir, records = hf_wandb_run
     rows = [r["history"]["item"] for r in records if r["type"] == "history"]
     # WandbCallback logs eval_csv/... as eval/csv/..., against train/global_step.
-    logged = [(row["train/global_step"], row[f"eval/csv/{TASK}/pred"]) for row in rows if f"eval/csv/{TASK}/pred" in row]
+    pred = f"eval/csv/{TASK}/pred"
+    logged = [(row["train/global_step"], row[pred]) for row in rows if pred in row]
     preds = [r["pred"] for r in cb.history]
     assert logged == [(2, pytest.approx(preds[0], abs=1e-9)), (4, pytest.approx(preds[1], abs=1e-9)),
                       (4, pytest.approx(preds[1], abs=1e-9))]
