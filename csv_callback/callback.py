@@ -14,18 +14,21 @@ import os
 from operator import attrgetter
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import WandbLogger
-from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 
+from ._extras import extra_imports
 from .evaluator import Evaluation, EvaluatorViews, SalienceEvaluator, Sharding
 from .probe import ProbeSet
 from .salience import SalienceVector
 from .wandb_view import WandbExtras
+
+with extra_imports("lightning", __name__):
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import Callback
+    from lightning.pytorch.loggers import WandbLogger
+    from lightning.pytorch.trainer.states import TrainerFn
+    from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 PathLike = str | os.PathLike
 _OWNER = "SalienceCallback"

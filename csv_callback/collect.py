@@ -30,12 +30,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
+from ._extras import extra_imports
 from .losses import token_losses
 from .probe import ProbeMismatchError, ProbeSet
 from .store import LossStore, file_name
+
+with extra_imports("cli", __name__):
+    from tqdm.auto import tqdm
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
+    from transformers.utils import logging as hf_logging
 
 _STEP = re.compile(r"(?:step|checkpoint|ckpt|iter)[-_=]?(\d+)", re.IGNORECASE)
 # torch's weights-only unpickler says what it refused in one of these phrases (torch/_weights_only_unpickler.py);
@@ -130,8 +137,6 @@ def load_tokenizer(path: str | os.PathLike) -> Any:
     the store and every vector record the exact vocabulary, which a Hub repository may change under the same name
     (and an offline machine would wait a minute in retries before failing).
     """
-    from transformers import AutoTokenizer
-
     if not Path(path).is_dir():
         raise FileNotFoundError(f"{path}: no such tokenizer directory; pass a directory written by "
                                 "tokenizer.save_pretrained(). For a Hub tokenizer, save it once: "
@@ -174,9 +179,6 @@ def check_loadable(checkpoints: Sequence[Checkpoint], trust_checkpoints: bool = 
     config.json, missing or truncated weight files, a corrupt ``.ckpt``, one that holds objects weights-only
     loading refuses, or a ``.ckpt`` that is not a Lightning checkpoint.
     """
-    from safetensors import safe_open
-    from transformers import AutoConfig
-
     for ck in checkpoints:
         with _loading(ck, trust_checkpoints):
             if ck.kind == "hf":
@@ -206,8 +208,6 @@ def load_model(
         raise CheckpointError(f"{ck.path} is a Lightning checkpoint; name its LightningModule with --module pkg.mod:Class.")
     with _loading(ck, trust_checkpoints):
         if ck.kind == "hf":
-            from transformers import AutoModelForCausalLM
-
             model = AutoModelForCausalLM.from_pretrained(str(ck.path), dtype=dtype)
         else:
             model = module_class.load_from_checkpoint(str(ck.path), map_location="cpu", weights_only=not trust_checkpoints)
@@ -244,8 +244,6 @@ def _loading(ck: Checkpoint, trust_checkpoints: bool) -> Iterator[None]:
 
 def _hf_weight_files(path: Path) -> list[Path]:
     """The weight files of an HF model directory (the shards its index names, or the single file)."""
-    from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
-
     for index in (SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_INDEX_NAME):
         if (path / index).is_file():
             shards = sorted(set(json.loads((path / index).read_text())["weight_map"].values()))
@@ -294,9 +292,6 @@ def collect(
     interrupted run loses at most the checkpoint in flight and a re-run resumes after the last one stored.
     An OSError while writing (a full disk) names the checkpoints saved so far.
     """
-    from tqdm.auto import tqdm
-    from transformers.utils import logging as hf_logging
-
     root = store.root if isinstance(store, LossStore) else Path(store)
     if not isinstance(store, LossStore):
         store = LossStore(root, probe) if (root / "probe.safetensors").exists() else None

@@ -53,13 +53,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import TrainerCallback
-from transformers.trainer_callback import ExportableState
 
+from ._extras import extra_imports
 from .evaluator import EvaluatorViews, SalienceEvaluator, torch_distributed_sharding, weights_key
 from .probe import ProbeSet
 from .salience import SalienceVector
 from .wandb_view import WandbExtras
+
+with extra_imports("hf", __name__):
+    from transformers import TrainerCallback
+    from transformers.trainer_callback import ExportableState
 
 _OWNER = "SalienceTrainerCallback"
 PathLike = str | os.PathLike

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from ._extras import extra_imports
 from .probe import ProbeSet
 from .salience import SalienceVector
 from .store import LossTable
@@ -46,7 +47,8 @@ def write_report(
             (:class:`ProbeMismatchError` otherwise): another one would show other text than was measured.
         top: how many probe sequences to show, most salient first.
     """
-    import matplotlib
+    with extra_imports("report", __name__):
+        import matplotlib
 
     matplotlib.use("Agg")  # files only: no display on a training server
 

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ._extras import extra_imports
+
 
 @dataclass
 class SyntheticLadder:
@@ -70,8 +72,9 @@ def train_tokenizer(texts: list[str], vocab_size: int = 512):
 
     Its EOS (``<|endoftext|>``) doubles as the pad token, as in GPT-2.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    with extra_imports("hf", __name__):
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+        from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -86,7 +89,9 @@ def train_tokenizer(texts: list[str], vocab_size: int = 512):
 def tiny_gpt2(vocab_size: int, n_positions: int = 256, n_layer: int = 2, n_embd: int = 64, seed: int = 0):
     """A randomly initialised Hugging Face GPT-2 built from a config (no download)."""
     import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
+
+    with extra_imports("hf", __name__):
+        from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
     cfg = GPT2Config(vocab_size=vocab_size, n_positions=n_positions, n_layer=n_layer, n_head=2, n_embd=n_embd,
