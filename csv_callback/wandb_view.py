@@ -40,27 +40,20 @@ __all__ = ["WandbExtras", "define_metrics", "log_predictions_table", "log_salien
 TABLE_COLUMNS = ["step", "task", "pred", "weighted_loss", "extrapolating", "name"]
 
 
-def define_metrics(
-    runs: Run | Sequence[Run], evaluator: SalienceEvaluator, step_metric: str | None = None, key_prefix: str = ""
-) -> None:
+def define_metrics(runs: Run | Sequence[Run], evaluator: SalienceEvaluator, step_metric: str | None = None) -> None:
     """Give each of the evaluator's metrics its summary (``max`` for scores, ``min`` for losses) in ``runs``.
 
-    Args:
-        step_metric: the metric to plot them against (Lightning's ``trainer/global_step``, the Trainer's
-            ``train/global_step``); ``None`` keeps W&B's own step, the one ``wandb.log(..., step=...)`` sets.
-        key_prefix: what the logging framework puts before the evaluator's metric names (the Trainer's
-            ``eval/``), so the definitions name the keys that reach W&B.
+    ``step_metric`` is the metric to plot them against (Lightning's ``trainer/global_step``); ``None`` keeps
+    W&B's own step, the one ``wandb.log(..., step=...)`` sets.
     """
     runs = _check(runs, evaluator, "define_metrics")
-    if not isinstance(key_prefix, str):
-        raise ValueError(f"define_metrics(key_prefix=...) must be a str, got {type(key_prefix).__name__}.")
     if step_metric is not None and (not isinstance(step_metric, str) or not step_metric):
         raise ValueError(f"define_metrics(step_metric=...) must be a metric name or None, got {step_metric!r}.")
     for run in runs:
         if step_metric is not None:
             run.define_metric(step_metric)
         for name, summary in evaluator.metric_summaries().items():
-            run.define_metric(f"{key_prefix}{name}", step_metric=step_metric, summary=summary)
+            run.define_metric(name, step_metric=step_metric, summary=summary)
 
 
 def log_predictions_table(runs: Run | Sequence[Run], evaluator: SalienceEvaluator, step: int | None = None) -> None:
@@ -70,7 +63,7 @@ def log_predictions_table(runs: Run | Sequence[Run], evaluator: SalienceEvaluato
     given (the step of the ``wandb.log`` it joins), else into the next row the loop commits, as Lightning and
     the Trainer log an evaluation's scalars right after.
     """
-    runs = _check(runs, evaluator, "log_predictions_table")
+    runs = _check(runs, evaluator, "log_predictions_table", step)
     import wandb
 
     history = sorted(evaluator.history, key=lambda r: (r["step"], r["name"], r["task"]))
@@ -83,12 +76,13 @@ def log_predictions_table(runs: Run | Sequence[Run], evaluator: SalienceEvaluato
 def log_salience_views(
     runs: Run | Sequence[Run], evaluator: SalienceEvaluator, tokenizer: Any = None, step: int | None = None
 ) -> None:
-    """Log :func:`salience_html` of each vector as ``<prefix>/<task>/salience`` (an HTML panel); once per run.
+    """Log :func:`salience_html` of each vector as ``<prefix>/<task>/salience`` (an HTML panel); call it once
+    per run, as the vectors do not change.
 
     ``tokenizer`` must be the probes' own (:class:`~csv_callback.ProbeMismatchError` otherwise); without one
     tokens are shown as ids. ``step`` as in :func:`log_predictions_table`.
     """
-    runs = _check(runs, evaluator, "log_salience_views")
+    runs = _check(runs, evaluator, "log_salience_views", step)
     for vector, probe in _vectors(evaluator):
         _log_view(runs, evaluator.prefix, vector, probe, tokenizer, step)
 
@@ -117,15 +111,15 @@ class WandbExtras:
         if not isinstance(evaluator, SalienceEvaluator):
             raise ValueError(f"WandbExtras(evaluator=...) takes a SalienceEvaluator, got {type(evaluator).__name__}.")
         self.evaluator = evaluator
-        self._defined: set[tuple[str, str]] = set()  # (run id, key prefix)
+        self._defined: set[str] = set()  # ids of the runs that have the metric definitions
         self._viewed: set[str] = set()  # ids of the runs that have the salience views
 
-    def define_metrics(self, runs: Sequence[Run], step_metric: str | None, key_prefix: str = "") -> None:
-        """:func:`define_metrics` in each run that has not had them under ``key_prefix``."""
-        new = [r for r in runs if (r.id, key_prefix) not in self._defined]
+    def define_metrics(self, runs: Sequence[Run], step_metric: str | None) -> None:
+        """:func:`define_metrics` in each run that does not have them yet."""
+        new = [r for r in runs if r.id not in self._defined]
         if new:
-            self._guarded("define the W&B metrics", define_metrics, new, self.evaluator, step_metric, key_prefix)
-            self._defined |= {(r.id, key_prefix) for r in new}
+            self._guarded("define the W&B metrics", define_metrics, new, self.evaluator, step_metric)
+            self._defined |= {r.id for r in new}
 
     def after_evaluation(self, runs: Sequence[Run], tokenizer: Any = None) -> None:
         """The predictions table, and in a run that has none yet, the salience views (a failed view is not
@@ -148,10 +142,13 @@ class WandbExtras:
                           RuntimeWarning, stacklevel=3)
 
 
-def _check(runs: Any, evaluator: Any, where: str) -> list[Run]:
+def _check(runs: Any, evaluator: Any, where: str, step: Any = None) -> list[Run]:
     """``runs`` as a list of W&B runs, or a ValueError that says what was passed instead."""
     from wandb.sdk.wandb_run import Run
 
+    if step is not None and (not isinstance(step, int) or isinstance(step, bool) or step < 0):
+        raise ValueError(f"{where}(step=...) must be None or a step number >= 0 (the step of the wandb.log this "
+                         f"joins), got {step!r}.")
     if not isinstance(evaluator, SalienceEvaluator):
         raise ValueError(f"{where}(evaluator=...) takes a SalienceEvaluator, got {type(evaluator).__name__}.")
     items = list(runs) if isinstance(runs, (list, tuple)) else [runs]

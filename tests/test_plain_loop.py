@@ -78,12 +78,14 @@ def test_plain_loop_logs_the_whole_table_and_the_salience_views(plain_run):
         assert "rgba(192,57,43,0.70)" in page and "Tokens are shown as [ids]" not in page
 
 
-def test_wandb_extras_say_what_they_take(tmp_path):
+def test_wandb_extras_say_what_they_take():
     evaluator = SalienceEvaluator(ASSETS / "ladder_facts.safetensors", ASSETS / "probe.safetensors")
     with pytest.raises(ValueError, match=r"takes W&B runs .*wandb.init\(\).*got \['str'\]"):
         wandb_view.define_metrics("my-run", evaluator)
     with pytest.raises(ValueError, match="takes a SalienceEvaluator, got SalienceVector"):
         wandb_view.log_predictions_table([], SalienceVector.load(ASSETS / "ladder_facts.safetensors"))
+    with pytest.raises(ValueError, match=r"step=...\) must be None or a step number >= 0 .*got -1"):
+        wandb_view.log_salience_views([], evaluator, step=-1)
 
 
 def test_wandb_is_imported_only_by_what_logs_to_it():
