@@ -75,7 +75,8 @@ def fit_from_store(
                          f"not {'both' if scores is not None else 'neither'}.")
     if mapping is not None and lmeval is None:
         raise ValueError("mapping matches lm-eval's recorded models to checkpoints; a scores CSV names its checkpoints "
-                         "itself, so pass mapping only with lmeval=....")
+                         "itself, so pass mapping only with lmeval=...")
+    rule = None if groups is None else _parse_groups(groups, from_csv=scores is not None)
     opened = [LossStore(root) for root in roots]
     for store in opened:
         if store.fingerprint is None:
@@ -101,7 +102,7 @@ def fit_from_store(
                       stacklevel=2)
     X = _select_rows(table.losses, keep)
     names = [table.names[i] for i in keep]
-    labels = None if groups is None else _groups(groups, names, rows)
+    labels = None if rule is None else _groups(rule, names, rows)
     sv = fit_salience(X, np.array([by_name[n].value for n in names]), groups=labels, probe=probe, task=task,
                       metric=metric, n_folds=n_folds, seed=seed, priors=priors, anchor=anchor,
                       score_range=score_range)
@@ -130,29 +131,35 @@ def _select_rows(X: np.ndarray, keep: list[int]) -> np.ndarray:
     return X[: len(keep)]
 
 
-def _groups(spec: str, names: list[str], rows: list[dict[str, str]] | None) -> list[str]:
-    """Group labels ``[m]`` of the checkpoints ``names`` from ``re:REGEX`` or ``col:NAME`` (a column of the scores
-    CSV, whose ``rows`` are given; None for lm-eval scores)."""
-    if not isinstance(spec, str):
-        raise ValueError(f"groups must be 're:REGEX' or 'col:NAME', got {spec!r}.")
-    kind, _, arg = spec.partition(":")
+def _parse_groups(spec: str, from_csv: bool) -> re.Pattern | str:
+    """The rule of a ``groups`` spec: a compiled ``re:REGEX``, or the column name of ``col:NAME`` (which needs the
+    scores from a CSV, ``from_csv``); checked before any losses are read."""
+    kind, _, arg = spec.partition(":") if isinstance(spec, str) else ("", "", "")
     if kind == "re":
         try:
-            pattern = re.compile(arg)
+            return re.compile(arg)
         except re.error as e:
             raise ValueError(f"groups {spec!r}: bad regular expression ({e}).") from None
+    if kind == "col":
+        if not from_csv:
+            raise ValueError("groups 'col:NAME' reads a column of the scores CSV; with lm-eval results use 're:REGEX'.")
+        return arg
+    raise ValueError(f"groups must be 're:REGEX' or 'col:NAME', got {spec!r}.")
+
+
+def _groups(rule: re.Pattern | str, names: list[str], rows: list[dict[str, str]] | None) -> list[str]:
+    """Group labels ``[m]`` of the checkpoints ``names`` by ``rule`` (see :func:`_parse_groups`); ``rows`` are the
+    scores CSV's."""
+    if isinstance(rule, re.Pattern):
         out = []
         for n in names:
-            m = pattern.search(n)
+            m = rule.search(n)
             if m is None:
-                raise ValueError(f"groups {spec!r} does not match checkpoint {n!r}; every checkpoint needs a group.")
-            out.append(m.group(1) if pattern.groups else m.group(0))
+                raise ValueError(f"groups 're:{rule.pattern}' does not match checkpoint {n!r}; every checkpoint needs "
+                                 "a group.")
+            out.append(m.group(1) if rule.groups else m.group(0))
         return out
-    if kind == "col":
-        if rows is None:
-            raise ValueError("groups 'col:NAME' reads a column of the scores CSV; with lm-eval results use 're:REGEX'.")
-        if arg not in rows[0]:
-            raise ValueError(f"groups {spec!r}: the scores CSV has no column {arg!r}; it has {sorted(rows[0])}.")
-        col = {r["checkpoint"]: r[arg] for r in rows}
-        return [col[n] for n in names]
-    raise ValueError(f"groups must be 're:REGEX' or 'col:NAME', got {spec!r}.")
+    if rule not in rows[0]:
+        raise ValueError(f"groups 'col:{rule}': the scores CSV has no column {rule!r}; it has {sorted(rows[0])}.")
+    col = {r["checkpoint"]: r[rule] for r in rows}
+    return [col[n] for n in names]

@@ -106,9 +106,5 @@ def test_stores_and_scores_that_do_not_fit_together(runs, tmp_path, tokenizer):
     LossStore(tmp_path / "other", other).write("step-0", np.ones(other.n_tokens, np.float32), step=0)
     with pytest.raises(ValueError, match=f"probe {other.fingerprint}"):
         fit_from_store([*stores, tmp_path / "other"], "t", scores=csv)
-    out = tmp_path / "lm"
-    out.mkdir()
-    doc = {"model_name": load_losses(stores[0]).names[0], "results": {"t": {"acc,none": 0.5}}}
-    (out / "results_0.json").write_text(json.dumps(doc))
-    with pytest.raises(ValueError, match="groups 'col:NAME' reads a column"), pytest.warns(UserWarning, match="left out"):
-        fit_from_store(stores[:1], "t", lmeval=out, groups="col:mix")
+    with pytest.raises(ValueError, match="groups 'col:NAME' reads a column of the scores CSV"):
+        fit_from_store(stores, "t", lmeval=tmp_path / "no_results_needed", groups="col:mix")
