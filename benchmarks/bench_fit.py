@@ -4,12 +4,12 @@ Each run is a fresh process: it builds ``synthetic_ladder(n_tokens=100_000, n_sa
 checkpoints_per_mixture=50)`` (4 mixtures x 50 checkpoints, cross-validated over the mixtures; with
 ``--groups G``, G mixtures of 200 // G checkpoints whose shares of capability data are spaced evenly from 0.05
 to 0.6, so that each group is its own fold up to 10 groups), times ``fit_salience`` and reports the solver's
-rounds (each one evaluation of every path) and the process's peak resident memory (the kernel's ``VmHWM``, which includes
-Python, numpy, scipy and torch themselves and the 80 MB of losses), its CPU time (the fit's products run in two threads, so on a quiet machine wall time is about half
-the CPU time), the 1-minute load average around it, plus the
-fit's quality: held-out MSE of
-csv, uniform (loss averaging) and label, where the answer mask is the planted salient tokens (so "label"
-is an oracle that knows them), and the weight mass the fit puts on the salient tokens.
+rounds (each one evaluation of every path) and the process's peak resident memory (the kernel's ``VmHWM``,
+which includes Python, numpy, scipy and torch themselves and the 80 MB of losses), its CPU time (the fit's
+products run in two threads, so on a quiet machine wall time is about half the CPU time), the 1-minute load
+average around it, plus the fit's quality: held-out MSE of csv, uniform (loss averaging) and label, where the
+answer mask is the planted salient tokens (so "label" is an oracle that knows them), and the weight mass the fit
+puts on the salient tokens.
 
     PYTHONPATH=. python benchmarks/bench_fit.py [--runs 5] [--groups 4] [--json out.json]
 """

@@ -30,8 +30,16 @@ from threadpoolctl import threadpool_limits
 
 from ._checks import as_float_array, as_float_tuple, require_int, require_str
 from .probe import ProbeMismatchError, ProbeSet
-from .salience import (FRACTION, UNBOUNDED, SalienceVector, SigmoidLink, check_score_range, link_bounds, link_curve,
-                       named_score_range)
+from .salience import (
+    FRACTION,
+    UNBOUNDED,
+    SalienceVector,
+    SigmoidLink,
+    check_score_range,
+    link_bounds,
+    link_curve,
+    named_score_range,
+)
 from .solver import Centred, Prior, State, centre, matvec, solve_paths
 
 # Strengths relative to the score variance (the objective's MSE is divided by it); the largest keeps w

@@ -20,9 +20,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy.special import expit
-
 from safetensors import SafetensorError, safe_open
+from scipy.special import expit
 
 from ._checks import as_float_array, as_float_tuple, parse_json, require_json_depth, require_str
 from .files import atomic_save, malformed_file, read_safetensors

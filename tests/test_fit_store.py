@@ -26,7 +26,7 @@ def runs(tmp_path, probe):
 
 
 def test_fits_as_fit_salience_on_the_stored_matrix_and_names_each_checkpoint(runs):
-    stores, csv, lad = runs
+    stores, csv, _ = runs
     sv = fit_from_store(stores, "t", scores=csv, groups="col:mix")
     table = load_losses(stores)
     by_name = {line.split(",")[0]: float(line.split(",")[1]) for line in csv.read_text().splitlines()[1:]}
