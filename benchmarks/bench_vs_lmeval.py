@@ -16,9 +16,9 @@ times, interleaved over ``--repeats`` rounds whose order alternates, after one u
     (``LmEvalAccuracy.measure``: ``HFLM(pretrained=<in-memory model>)`` + ``simple_evaluate``, the
     local YAML + JSONL tasks).
 
-Prints medians, the ratio lm-eval / evaluator of the medians and the median of the per-round ratios, the
-1-minute load average at the start and the end, torch threads and versions. The machine may be shared:
-absolute times are noisy, the ratios are what count.
+Prints medians, the ratio lm-eval / evaluator of the medians and the median of the per-round ratios, how much
+of each warm-up was the model's forwards (timed with hooks), the 1-minute load average at the start and the
+end, torch threads and versions. The machine may be shared: absolute times are noisy, the ratios are what count.
 """
 
 from __future__ import annotations
@@ -41,12 +41,12 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
-import lightning.pytorch as pl  # noqa: E402
-import torch  # noqa: E402
-import train_tiny_lm as demo  # noqa: E402
+import lightning.pytorch as pl
+import torch
+import train_tiny_lm as demo
 
-from csv_callback import ProbeSet  # noqa: E402
-from csv_callback.evaluator import SalienceEvaluator  # noqa: E402
+from csv_callback import ProbeSet
+from csv_callback.evaluator import SalienceEvaluator
 
 PROBE = demo.ASSETS / "probe.safetensors"
 BATCH_SIZE = 32  # the demo's SalienceCallback(batch_size=32)
@@ -67,6 +67,26 @@ def timed(fn: Callable[[], object]) -> tuple[float, object]:
     start = time.perf_counter()
     out = fn()
     return time.perf_counter() - start, out
+
+
+def timed_with_forwards(fn: Callable[[], object], model: torch.nn.Module) -> tuple[float, float, int]:
+    """(wall seconds of ``fn()``, seconds inside ``model``'s forward, forward calls): what is not the model."""
+    inside = {"seconds": 0.0, "calls": 0, "start": 0.0}
+
+    def pre(*_: object) -> None:
+        inside["start"] = time.perf_counter()
+
+    def post(*_: object) -> None:
+        inside["seconds"] += time.perf_counter() - inside["start"]
+        inside["calls"] += 1
+
+    hooks = [model.register_forward_pre_hook(pre), model.register_forward_hook(post)]
+    try:
+        wall = timed(fn)[0]
+    finally:
+        for h in hooks:
+            h.remove()
+    return wall, inside["seconds"], inside["calls"]
 
 
 def versions() -> dict[str, str]:
@@ -105,7 +125,9 @@ def main(argv: list[str] | None = None) -> dict:
     model = module.model
     vectors = sorted(demo.ASSETS.glob("ladder_*.safetensors"))
     probe = ProbeSet.load(PROBE)
-    questions = {t: len(world.questions(t)) for t in demo.TASKS}
+    docs = {t: world.questions(t) for t in demo.TASKS}
+    questions = {t: len(d) for t, d in docs.items()}
+    requests = sum(len(q["choices"]) for d in docs.values() for q in d)  # one log-likelihood per choice
     with tempfile.TemporaryDirectory() as tmp:
         measure = demo.LmEvalAccuracy(world, Path(tmp) / "tasks", every=1)
         evaluator = SalienceEvaluator(vectors, PROBE, batch_size=BATCH_SIZE, save_dir=Path(tmp) / "probe_losses")
@@ -124,7 +146,9 @@ def main(argv: list[str] | None = None) -> dict:
             return measure.measure(model, "cpu")
 
         kinds = {"csv": csv, "csv_cold": csv_cold, "lmeval": lmeval}
-        warmup = {k: timed(fn)[0] for k, fn in kinds.items()}
+        # The warm-up also splits each kind's time into the model's forwards and the rest (hooks cost a
+        # little, so the timed rounds run without them).
+        warmup = {k: timed_with_forwards(fn, model) for k, fn in kinds.items()}
         seconds: dict[str, list[float]] = {k: [] for k in kinds}
         last: dict[str, object] = {}
         for r in range(args.repeats):
@@ -135,8 +159,9 @@ def main(argv: list[str] | None = None) -> dict:
                   flush=True)
 
     med = statistics.median
-    ratio = {k: med(seconds["lmeval"]) / med(seconds[k]) for k in ("csv", "csv_cold")}
-    per_round = {k: med(lm / c for lm, c in zip(seconds["lmeval"], seconds[k])) for k in ("csv", "csv_cold")}
+    ours = ("csv", "csv_cold")
+    ratio = {k: med(seconds["lmeval"]) / med(seconds[k]) for k in ours}
+    per_round = {k: med(lm / c for lm, c in zip(seconds["lmeval"], seconds[k], strict=True)) for k in ours}
     result = {
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
         "date_utc": started,
@@ -148,8 +173,10 @@ def main(argv: list[str] | None = None) -> dict:
         "csv": {"probe_sequences": probe.num_sequences, "probe_scored_tokens": probe.n_tokens,
                 "vectors": [v.name for v in vectors], "batch_size": BATCH_SIZE,
                 "pred": {t: last["csv"][f"csv/{t}/pred"] for t in demo.TASKS}},
-        "lmeval": {"questions": questions, "choices_per_question": 4, "batch_size": 64, "acc": last["lmeval"]},
-        "warmup_seconds": warmup,
+        "lmeval": {"questions": questions, "loglikelihood_requests": requests, "acc": last["lmeval"]},
+        "warmup_seconds": {k: w[0] for k, w in warmup.items()},
+        "warmup_forward_seconds": {k: w[1] for k, w in warmup.items()},
+        "warmup_forward_calls": {k: w[2] for k, w in warmup.items()},
         "seconds": seconds,
         "median_seconds": {k: med(v) for k, v in seconds.items()},
         "ratio_lmeval_over": ratio,
@@ -158,11 +185,13 @@ def main(argv: list[str] | None = None) -> dict:
     m = result["machine"]
     print(f"GPT-2 {args.size} ({result['model']['params']:,} parameters, {args.train_steps} steps); "
           f"probe {probe.num_sequences} sequences / {probe.n_tokens} scored tokens; lm-eval "
-          f"{sum(questions.values())} questions ({', '.join(f'{t} {n}' for t, n in questions.items())})")
-    print("warm-up: " + ", ".join(f"{k} {v:.3f} s" for k, v in warmup.items()))
+          f"{sum(questions.values())} questions ({', '.join(f'{t} {n}' for t, n in questions.items())}), "
+          f"{requests} log-likelihood requests")
+    print("warm-up: " + ", ".join(f"{k} {w:.3f} s, of which {f:.3f} s in {n} model forwards"
+                                   for k, (w, f, n) in warmup.items()))
     for k in kinds:
         print(f"{k:>8}: median {med(seconds[k]):7.3f} s over {args.repeats} rounds")
-    for k in ("csv", "csv_cold"):
+    for k in ours:
         print(f"lm-eval / {k}: {ratio[k]:.1f}x (medians), {per_round[k]:.1f}x (per-round median)")
     print(f"predicted {result['csv']['pred']}; lm-eval measured {result['lmeval']['acc']}")
     print(f"{m['cpu']}, {m['cores']} cores, torch threads {m['torch_threads']}, load (1 min) "
