@@ -296,6 +296,9 @@ class SalienceEvaluator:
         start = time.perf_counter()
         name = f"step-{int(step):09d}" if training else self._fresh_name(step, checkpoint)
         writer = sharding is None or sharding.rank == 0
+        if writer and self.save_dir is not None and not self._stores:
+            # A loop that never called open_store() still gets its losses saved (or is told why not).
+            self._guard(f"open the loss store {self.save_dir}", training, self.open_store)
         metrics: dict[str, float] = {}
         n_bad = 0.0  # NaN ("unknown") if some probe's losses could not be computed
         failed = False

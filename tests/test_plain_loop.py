@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from offline_helpers import subprocess_env
 
@@ -97,3 +98,20 @@ def test_wandb_is_imported_only_by_what_logs_to_it():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                           env=subprocess_env())
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
+def test_evaluate_opens_the_store_itself_and_warns_inside_training_when_it_cannot(tmp_path, model, tokenizer):
+    from csv_callback import ProbeSet, RunMismatchError
+    from csv_callback.store import LossStore, load_losses
+
+    probe = ProbeSet.from_texts(["A probe text for the evaluator's own store."], tokenizer, 32)
+    evaluator = SalienceEvaluator(None, probe, save_dir=tmp_path / "mine")
+    evaluator.evaluate(model, 2, training=True)  # no open_store(): the losses are saved all the same
+    assert load_losses(tmp_path / "mine").names == ["step-000000002"]
+    LossStore(tmp_path / "other", probe, run_id="another-run").write("a", np.ones(probe.n_tokens, np.float32), step=1)
+    inside = SalienceEvaluator(None, probe, save_dir=tmp_path / "other")
+    with pytest.warns(RuntimeWarning, match=r"could not open the loss store .*another-run.*training continues"):
+        metrics = inside.evaluate(model, 2, training=True).metrics
+    assert np.isfinite(metrics["csv/probe_mean_loss"]) and load_losses(tmp_path / "other").names == ["a"]
+    with pytest.raises(RunMismatchError, match="another-run"):
+        SalienceEvaluator(None, probe, save_dir=tmp_path / "other").evaluate(model, 2)
