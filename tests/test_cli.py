@@ -2,6 +2,7 @@
 
 import csv
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -490,7 +491,8 @@ def test_report_writes_self_contained_html_and_pngs(store, scores_csv, work, tmp
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     page = (out / "index.html").read_text()
     assert page.count("data:image/png;base64,") == 3 and "<img" in page and "src='http" not in page
-    assert page.count("class='seq'") == 5 and " the" in page  # probe text decoded, salience shading present
+    shown = re.findall(r"sequence \d+: [\d.]+% of the salience", page)
+    assert len(shown) == 5 and " the" in page  # --top 5 sequences, probe text decoded, salience shading present
     assert "rgba(192,57,43," in page and "uniform" in page and "label" in page
 
 
