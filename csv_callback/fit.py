@@ -32,6 +32,8 @@ from ._checks import as_float_array, as_float_tuple, require_int, require_str
 from .probe import ProbeMismatchError, ProbeSet
 from .salience import (
     FRACTION,
+    INTERVAL_KEY,
+    INTERVAL_METHOD,
     UNBOUNDED,
     SalienceVector,
     SigmoidLink,
@@ -167,7 +169,8 @@ def fit_salience(
         A :class:`SalienceVector`, with the score range it was fitted for, whose ``fit_report`` holds ``cv_mse`` and ``cv_mae`` for ``"csv"``,
         ``"uniform"`` (mean loss + link: loss averaging) and, with an answer mask, ``"label"`` (answer-token
         loss + link), all under the same folds, plus the chosen ``prior`` and ``lam`` and the held-out
-        predictions. The csv error is honest about those choices: fold f's predictions use the prior and
+        predictions, and (``interval``) csv's sorted absolute held-out residuals, from which
+        :meth:`SalienceVector.predict_interval` makes split-conformal intervals. The csv error is honest about those choices: fold f's predictions use the prior and
         ``lam`` that did best on the other folds. Per checkpoint it also holds the score (``scores``), fold
         (``folds``), group label (``groups``, as str; None without groups) and the vector's weighted loss
         (``weighted_loss``): what a report needs to redraw the fit.
@@ -242,6 +245,11 @@ def _fit(
         "train_mse": float(np.mean((final.link(wl) - y) ** 2)),
         "effective_tokens": float(np.exp(-np.sum(weights * np.log(np.maximum(weights, 1e-300))))),
         "n_checkpoints": m,
+        # What SalienceVector.interval needs: csv's honest held-out errors, pooled over checkpoints. The checkpoints
+        # of one group are correlated, so the split-conformal rank guarantees coverage only as far as they are
+        # exchangeable; a group-level correction (one unit per group) would make the 80% interval infinite with
+        # fewer than 4 groups. Computed after the fit: nothing above depends on it.
+        INTERVAL_KEY: {"method": INTERVAL_METHOD, "abs_residuals": np.sort(np.abs(cv_pred["csv"] - y)).tolist()},
     }
     sv = SalienceVector(
         weights=weights,

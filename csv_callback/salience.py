@@ -15,6 +15,7 @@ import json
 import math
 import numbers
 import os
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -41,6 +42,11 @@ _CHUNK_BYTES = 2**27
 _REPORT_DEPTH = 32
 FRACTION = (0.0, 1.0)
 UNBOUNDED = (-math.inf, math.inf)
+# fit_report key of what predict_interval needs: {"method": INTERVAL_METHOD, "abs_residuals": sorted [m]}. It lives in
+# the report, which every format stores, so no format change: files written with it still load in older versions,
+# and vectors fitted before it have no intervals (NaN, warned once per vector).
+INTERVAL_KEY = "interval"
+INTERVAL_METHOD = "split-conformal"
 
 
 def named_score_range(metric: str) -> tuple[float, float] | None:
@@ -169,6 +175,7 @@ class SalienceVector:
     loss_range: tuple[float, float] = (-math.inf, math.inf)
     fit_report: dict[str, Any] = field(default_factory=dict)
     score_range: tuple[float, float] | None = None
+    _warned_no_interval: bool = field(default=False, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         w = as_float_array(self.weights, "weights", 1, fix="re-fit the vector")
@@ -195,6 +202,8 @@ class SalienceVector:
         if not isinstance(self.fit_report, dict):
             raise ValueError(f"fit_report must be a dict, got {type(self.fit_report).__name__}.")
         require_json_depth(self.fit_report, "fit_report", _REPORT_DEPTH)
+        if INTERVAL_KEY in self.fit_report:
+            _check_interval(self.fit_report[INTERVAL_KEY])
         if self.score_range is None:
             self.score_range = named_score_range(self.metric) or UNBOUNDED
         self.score_range = check_score_range(self.score_range)
@@ -274,6 +283,52 @@ class SalienceVector:
         score = self.link(self.weighted_loss(losses, fingerprint))
         return float(score) if np.ndim(score) == 0 else score
 
+    def predict_interval(
+        self, losses: Any, level: float = 0.8, fingerprint: str | None = None
+    ) -> tuple[np.ndarray | float, np.ndarray | float]:
+        """``(lo, hi)``: a prediction interval at ``level`` for ``losses`` ``[n_tokens]`` (two floats) or
+        ``[m, n_tokens]`` (two ``[m]`` arrays), shaped like :meth:`predict`'s output; see :meth:`interval`."""
+        level = check_level(level)
+        return self.interval(self.weighted_loss(losses, fingerprint), level)
+
+    def interval(
+        self, weighted_loss: float | np.ndarray, level: float = 0.8
+    ) -> tuple[np.ndarray | float, np.ndarray | float]:
+        """``(lo, hi)`` around ``self.link(weighted_loss)`` (a float or an array of any shape) at ``level`` in (0, 1).
+
+        Within the fitted loss range: split-conformal on the fit's honest held-out residuals (checkpoint j's
+        prediction by the fold that held it out, ``fit_report["interval"]``): of the m sorted absolute residuals
+        the ``ceil((m + 1) * level)``-th smallest is the half-width, or, when that exceeds m, an infinite one
+        (too few checkpoints to support the level). Outside the range the half-width grows by ``d``, the score
+        distance between the prediction and the prediction at the range's nearest end: the side towards the
+        fitted data then ends where the conformal interval at that end does (the score is monotone in the loss),
+        and the far side allows the link's own extrapolated move to be off by as much again. Both ends are
+        clipped to :attr:`score_range`. A NaN or infinite weighted loss gives NaN, and so does a vector without
+        stored residuals (fitted before intervals existed, or built by hand), with one warning per vector.
+        """
+        level = check_level(level)
+        wl = np.asarray(weighted_loss, dtype=np.float64)
+        pred = self.link(wl)
+        half = self._conformal_half_width(level)
+        half = half + np.abs(pred - self.link(np.clip(wl, *self.loss_range)))
+        bad = ~np.isfinite(wl)
+        lo = np.where(bad, np.nan, np.clip(pred - half, *self.score_range))
+        hi = np.where(bad, np.nan, np.clip(pred + half, *self.score_range))
+        return (float(lo), float(hi)) if lo.ndim == 0 else (lo, hi)
+
+    def _conformal_half_width(self, level: float) -> float:
+        """The within-range half-width at ``level`` (see :meth:`interval`); NaN, warned once, without residuals."""
+        stored = self.fit_report.get(INTERVAL_KEY)
+        if stored is None:
+            if not self._warned_no_interval:
+                self._warned_no_interval = True
+                warnings.warn(
+                    f"salience vector {self.task!r} stores no held-out residuals (it was fitted before prediction "
+                    "intervals existed, or built by hand), so its intervals are NaN; re-fit it with fit_salience to "
+                    "get calibrated intervals.", RuntimeWarning, stacklevel=4)
+            return math.nan
+        return conformal_quantile(stored["abs_residuals"], level)
+
     def extrapolates(self, weighted_loss: float | np.ndarray) -> bool | np.ndarray:
         """True where a weighted loss (a float or an array of any shape) lies outside the range seen in fitting.
 
@@ -329,6 +384,39 @@ class SalienceVector:
             f"SalienceVector(task={self.task!r}, metric={self.metric!r}, n_tokens={self.n_tokens}, "
             f"probe={self.probe_fingerprint!r}, link={self.link}, score_range={self.score_range})"
         )
+
+
+def check_level(level: Any, name: str = "level") -> float:
+    """``level`` as a coverage level: a real number strictly between 0 and 1."""
+    if not isinstance(level, numbers.Real) or isinstance(level, bool) or not 0 < float(level) < 1:
+        raise ValueError(f"{name} must be a number strictly between 0 and 1 (the interval's coverage, e.g. 0.8), "
+                         f"got {level!r}.")
+    return float(level)
+
+
+def conformal_quantile(abs_residuals: Any, level: float) -> float:
+    """Split-conformal half-width: the ``ceil((m + 1) * level)``-th smallest of the ``m`` sorted absolute residuals
+    ``abs_residuals`` ``[m]``, or inf when that rank exceeds m (the finite-sample correction: a new point's residual
+    is as likely to rank anywhere among m + 1)."""
+    r = np.asarray(abs_residuals, dtype=np.float64)
+    # The tolerance keeps (m + 1) * level that is an integer up to rounding (e.g. 10 * 0.8) at that integer.
+    rank = math.ceil((len(r) + 1) * level - 1e-9)
+    return float(r[rank - 1]) if rank <= len(r) else math.inf
+
+
+def _check_interval(stored: Any) -> None:
+    """Raise ValueError unless ``stored`` is what :func:`~csv_callback.fit.fit_salience` stores under
+    ``fit_report["interval"]``: the method and a non-empty, sorted list of finite absolute residuals."""
+    fix = "re-fit the vector, or delete fit_report['interval'] (its intervals are then NaN)"
+    if not isinstance(stored, dict) or stored.get("method") != INTERVAL_METHOD or "abs_residuals" not in stored:
+        raise ValueError(f"fit_report['interval'] must be {{'method': {INTERVAL_METHOD!r}, 'abs_residuals': [...]}}, "
+                         f"got {str(stored)[:80]}; {fix}.")
+    r = stored["abs_residuals"]
+    ok = isinstance(r, list) and r and all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in r)
+    r = np.asarray(r, dtype=np.float64) if ok else None
+    if r is None or not np.isfinite(r).all() or (r < 0).any() or (np.diff(r) < 0).any():
+        raise ValueError(f"fit_report['interval']['abs_residuals'] must be a non-empty, sorted list of finite numbers "
+                         f">= 0; {fix}.")
 
 
 def _declared_format(path: str | os.PathLike) -> str | None:
