@@ -63,12 +63,15 @@ class SalienceCallback(EvaluatorViews, Callback):
         wandb_extras: with a ``WandbLogger``: define the metrics against ``trainer/global_step`` with a
             ``max`` (scores) / ``min`` (losses) summary, log a table of all predictions and, once per run, an
             HTML view of the most salient probe tokens.
+        interval_level: the coverage, in (0, 1), of the prediction interval logged as ``csv/<task>/pred_lo`` and
+            ``csv/<task>/pred_hi`` (:meth:`SalienceVector.predict_interval`).
 
     Logged after every validation of ``trainer.fit`` (not the sanity check) and on ``trainer.validate``:
-    ``csv/<task>/pred``, ``csv/<task>/weighted_loss``, ``csv/<task>/extrapolating`` (1.0 when the weighted
-    loss is outside the range seen in fitting), ``csv/probe_mean_loss`` (``csv/<fingerprint>/probe_mean_loss``
-    with several probes), ``csv/nonfinite_losses`` (count of NaN/inf token losses) and ``csv/eval_seconds``
-    (the time this callback added to the validation).
+    ``csv/<task>/pred``, ``csv/<task>/pred_lo`` and ``csv/<task>/pred_hi`` (its interval at ``interval_level``,
+    NaN for a vector fitted before intervals existed), ``csv/<task>/weighted_loss``, ``csv/<task>/extrapolating``
+    (1.0 when the weighted loss is outside the range seen in fitting), ``csv/probe_mean_loss``
+    (``csv/<fingerprint>/probe_mean_loss`` with several probes), ``csv/nonfinite_losses`` (count of NaN/inf token
+    losses) and ``csv/eval_seconds`` (the time this callback added to the validation).
 
     Resume: the prediction history, the run's identity and which steps were evaluated are saved in every
     checkpoint. If the checkpoint a run resumes from was written before that step's validation (e.g.
@@ -106,11 +109,13 @@ class SalienceCallback(EvaluatorViews, Callback):
         tokens_seen_attr: str | None = "tokens_seen",
         prefix: str = "csv",
         wandb_extras: bool = True,
+        interval_level: float = 0.8,
     ) -> None:
         for name, attr in (("model_attr", model_attr), ("tokenizer_attr", tokenizer_attr), ("tokens_seen_attr", tokens_seen_attr)):
             if attr is not None and (not isinstance(attr, str) or not attr):
                 raise ValueError(f"SalienceCallback({name}=...) must be None or an attribute name, got {attr!r}.")
-        self.evaluator = SalienceEvaluator(vectors, probe, batch_size, save_dir, prefix, owner=_OWNER)
+        self.evaluator = SalienceEvaluator(vectors, probe, batch_size, save_dir, prefix, owner=_OWNER,
+                                           interval_level=interval_level)
         self.model_attr = model_attr
         self.tokenizer_attr = tokenizer_attr
         self.tokens_seen_attr = tokens_seen_attr

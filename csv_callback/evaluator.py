@@ -38,7 +38,7 @@ from torch import nn
 
 from .losses import token_losses
 from .probe import ProbeMismatchError, ProbeSet
-from .salience import SalienceVector
+from .salience import SalienceVector, check_level
 from .store import LossStore, RunMismatchError
 
 PathLike = str | os.PathLike
@@ -106,8 +106,12 @@ class SalienceEvaluator:
             fingerprint). The store records this evaluator's :attr:`run_id`: another run's store is refused.
         prefix: the metrics' name prefix.
         owner: the name used in messages (the adapter's class name).
+        interval_level: the coverage, in (0, 1), of the prediction interval logged as ``pred_lo``/``pred_hi``
+            (:meth:`SalienceVector.predict_interval`).
 
-    Metrics of :meth:`evaluate`: ``<prefix>/<task>/pred``, ``<prefix>/<task>/weighted_loss``,
+    Metrics of :meth:`evaluate`: ``<prefix>/<task>/pred``, ``<prefix>/<task>/pred_lo`` and
+    ``<prefix>/<task>/pred_hi`` (the prediction interval at ``interval_level``; NaN for a vector fitted before
+    intervals existed), ``<prefix>/<task>/weighted_loss``,
     ``<prefix>/<task>/extrapolating`` (1.0 outside the loss range the vector was fitted on),
     ``<prefix>/probe_mean_loss`` (``<prefix>/<fingerprint>/probe_mean_loss`` with several probes),
     ``<prefix>/nonfinite_losses`` and ``<prefix>/eval_seconds``.
@@ -121,8 +125,10 @@ class SalienceEvaluator:
         save_dir: PathLike | None = None,
         prefix: str = "csv",
         owner: str = "SalienceEvaluator",
+        interval_level: float = 0.8,
     ) -> None:
         self.owner = owner
+        self.interval_level = check_level(interval_level, f"{owner}(interval_level=...)")
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise ValueError(f"{owner}(batch_size=...) must be a positive int, got {batch_size!r}.")
         if not isinstance(prefix, str) or not prefix or prefix.endswith("/"):
@@ -361,16 +367,18 @@ class SalienceEvaluator:
 
     def _predict(self, vector: SalienceVector, losses: torch.Tensor | None, name: str, step: int) -> dict[str, float]:
         if losses is None:
-            pred, wl, extrapolating = math.nan, math.nan, True
+            pred, wl, extrapolating, lo, hi = math.nan, math.nan, True, math.nan, math.nan
         else:
             wl = float(vector.weighted_loss(losses))
             pred, extrapolating = float(vector.link(wl)), bool(vector.extrapolates(wl))
+            lo, hi = vector.interval(wl, self.interval_level)
         row = {"name": name, "step": int(step), "task": vector.task, "pred": pred, "weighted_loss": wl,
-               "extrapolating": extrapolating}
+               "extrapolating": extrapolating, "pred_lo": lo, "pred_hi": hi}
         # Only a training step evaluated again (a resumed run) replaces its row: other names are fresh.
         self.history = [r for r in self.history if (r["name"], r["task"]) != (name, vector.task)] + [row]
         base = f"{self.prefix}/{vector.task}"
-        return {f"{base}/pred": pred, f"{base}/weighted_loss": wl, f"{base}/extrapolating": float(extrapolating)}
+        return {f"{base}/pred": pred, f"{base}/pred_lo": lo, f"{base}/pred_hi": hi, f"{base}/weighted_loss": wl,
+                f"{base}/extrapolating": float(extrapolating)}
 
     def _losses(
         self, model: nn.Module, probe: ProbeSet, step: int, training: bool, sharding: Sharding | None
@@ -459,7 +467,8 @@ class SalienceEvaluator:
         out |= {self.mean_loss_name(p): "min" for p in self.probes}
         for v in self.vectors:
             base = f"{self.prefix}/{v.task}"
-            out |= {f"{base}/pred": "max", f"{base}/weighted_loss": "min", f"{base}/extrapolating": "max"}
+            out |= {f"{base}/pred": "max", f"{base}/pred_lo": "max", f"{base}/pred_hi": "max",
+                    f"{base}/weighted_loss": "min", f"{base}/extrapolating": "max"}
         return out
 
     @property
@@ -526,13 +535,14 @@ class EvaluatorViews:
 
     @property
     def history(self) -> list[dict[str, Any]]:
-        """One row per (evaluation, task): name, step, task, pred, weighted_loss, extrapolating."""
+        """One row per (evaluation, task): name, step, task, pred, weighted_loss, extrapolating, pred_lo, pred_hi."""
         return self.evaluator.history
 
 
 def _legacy_row(row: dict[str, Any]) -> dict[str, Any]:
-    """A history row of state version 1 (no names: every row was a training step) in today's form."""
-    return {"name": f"step-{int(row['step']):09d}", **row}
+    """A saved history row in today's form: state version 1 had no names (every row was a training step), and
+    rows saved before intervals existed have none (NaN)."""
+    return {"name": f"step-{int(row['step']):09d}", "pred_lo": math.nan, "pred_hi": math.nan, **row}
 
 
 def _out_of_memory(error: Exception) -> bool:

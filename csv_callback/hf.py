@@ -1,9 +1,9 @@
 """Predicted benchmark scores as evaluation metrics of a Hugging Face ``transformers.Trainer``.
 
 At every evaluation the callback computes the probe's per-token losses and adds, for each salience vector,
-``<prefix>_csv/<task>/pred`` (and ``.../weighted_loss``, ``.../extrapolating``, ``<prefix>_csv/probe_mean_loss``,
-``<prefix>_csv/nonfinite_losses``, ``<prefix>_csv/eval_seconds``: the names of the Lightning
-``SalienceCallback``) to the evaluation metrics, where ``<prefix>`` is the Trainer's metric prefix (``eval``).
+``<prefix>_csv/<task>/pred`` (and ``.../pred_lo``, ``.../pred_hi``, ``.../weighted_loss``, ``.../extrapolating``,
+``<prefix>_csv/probe_mean_loss``, ``<prefix>_csv/nonfinite_losses``, ``<prefix>_csv/eval_seconds``: the names of the
+Lightning ``SalienceCallback``) to the evaluation metrics, where ``<prefix>`` is the Trainer's metric prefix (``eval``).
 So ``TrainingArguments(metric_for_best_model="csv/<task>/pred", greater_is_better=True)`` and
 ``EarlyStoppingCallback`` select and stop on the predicted score.
 
@@ -81,6 +81,8 @@ class SalienceTrainerCallback(EvaluatorViews, TrainerCallback, ExportableState):
             It is opened (and checked) when training begins: a directory holding another probe's or another
             run's losses, or a path that is not a writable directory, fails before the first step.
         prefix: the metrics' name prefix (after the Trainer's own ``eval_``).
+        interval_level: the coverage, in (0, 1), of the prediction interval added as ``.../pred_lo`` and
+            ``.../pred_hi`` (:meth:`SalienceVector.predict_interval`).
     """
 
     def __init__(
@@ -90,8 +92,10 @@ class SalienceTrainerCallback(EvaluatorViews, TrainerCallback, ExportableState):
         batch_size: int = 8,
         save_dir: PathLike | None = None,
         prefix: str = "csv",
+        interval_level: float = 0.8,
     ) -> None:
-        self.evaluator = SalienceEvaluator(vectors, probe, batch_size, save_dir, prefix, owner=_OWNER)
+        self.evaluator = SalienceEvaluator(vectors, probe, batch_size, save_dir, prefix, owner=_OWNER,
+                                           interval_level=interval_level)
         self._attached = False
         self._model_checked = False
         self._training = False  # between on_train_begin and on_train_end: faults warn instead of raising
