@@ -25,14 +25,14 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import lightning.pytorch as pl  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, TensorDataset
 
-from csv_callback import ProbeSet, SalienceVector, SigmoidLink  # noqa: E402
-from csv_callback.callback import SalienceCallback  # noqa: E402
-from csv_callback.testing import pydoc_corpus, tiny_gpt2, train_tokenizer  # noqa: E402
+from csv_callback import ProbeSet, SalienceVector, SigmoidLink
+from csv_callback.callback import SalienceCallback
+from csv_callback.testing import pydoc_corpus, tiny_gpt2, train_tokenizer
 
 SEQ, N_SEQ, BATCH = 256, 32, 8
 
@@ -114,7 +114,10 @@ def main() -> None:
     train = DataLoader(TensorDataset(blocks[:-16]), batch_size=8, shuffle=True)
     val = DataLoader(TensorDataset(blocks[-16:]), batch_size=8)
 
-    print(f"probe: {probe.num_sequences} sequences, {probe.n_tokens} scored tokens; torch threads {torch.get_num_threads()}")
+    print(
+        f"probe: {probe.num_sequences} sequences, {probe.n_tokens} scored tokens; torch threads "
+        f"{torch.get_num_threads()}"
+    )
     med = statistics.median
     steps = {"without": [], "with": []}
     with tempfile.TemporaryDirectory() as tmp:
@@ -133,8 +136,10 @@ def main() -> None:
         ratios = [e / f for e, f in zip(c.eval_seconds, c.floor)]
         print(f"csv/eval_seconds, {name:<24} median {med(c.eval_seconds):6.3f} s; bare forward {med(c.floor):6.3f} s; "
               f"ratio median {med(ratios):.2f} (per validation: {', '.join(f'{r:.2f}' for r in ratios)})")
-    print(f"training step without / with callback: {med(steps['without']) * 1e3:.1f} / {med(steps['with']) * 1e3:.1f} ms "
-          f"(ratio {med(steps['with']) / med(steps['without']):.3f}; {len(steps['with'])} steps each)")
+    print(
+        f"training step without / with callback: {med(steps['without']) * 1e3:.1f} / {med(steps['with']) * 1e3:.1f} ms "
+        f"(ratio {med(steps['with']) / med(steps['without']):.3f}; {len(steps['with'])} steps each)"
+    )
 
 
 def _first_sequences(probe: ProbeSet, n: int):

@@ -60,7 +60,9 @@ def run_once(dirs: list[Path], probe: ProbeSet, store_dir: Path, batch_size: int
         model = real_load(*a, **k)
         start = {}
         model.register_forward_pre_hook(lambda m, i: start.__setitem__("t", time.perf_counter()))
-        model.register_forward_hook(lambda m, i, o: timers.__setitem__("forward", timers["forward"] + time.perf_counter() - start["t"]))
+        model.register_forward_hook(
+            lambda m, i, o: timers.__setitem__("forward", timers["forward"] + time.perf_counter() - start["t"])
+        )
         return model
 
     def timed_losses(*a, **k):
@@ -101,8 +103,11 @@ def main() -> None:
         dirs = make_checkpoints(Path(tmp) / "ckpts", tok, args.checkpoints, args.layers, args.width)
         runs = [run_once(dirs, probe, Path(tmp) / f"store{r}", args.batch_size) for r in range(args.repeats)]
     for r in runs:
-        print(f"wall {r['wall']:.2f}s  forward {r['forward'] / r['wall']:.1%}  token_losses {r['token_losses'] / r['wall']:.1%}  "
-              f"RSS after 1st/last checkpoint {r['rss_first']:.0f}/{r['rss_last']:.0f} MiB")
+        print(
+            f"wall {r['wall']:.2f}s  forward {r['forward'] / r['wall']:.1%}  token_losses "
+            f"{r['token_losses'] / r['wall']:.1%}  "
+            f"RSS after 1st/last checkpoint {r['rss_first']:.0f}/{r['rss_last']:.0f} MiB"
+        )
     med = lambda k: statistics.median(r[k] for r in runs)  # noqa: E731
     print(f"median over {len(runs)}: wall {med('wall'):.2f}s, {med('wall') / args.checkpoints:.2f}s/checkpoint, "
           f"{probe.n_tokens * args.checkpoints / med('wall'):.0f} tokens/s; forward share "

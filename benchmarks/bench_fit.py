@@ -91,12 +91,16 @@ def main() -> None:
                              text=True, check=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
         runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
         r = runs[-1]
-        print(f"run {i}: {r['groups']} groups, {r['folds']} folds, {r['paths']} paths, {r['rounds']} rounds: "
-              f"{r['wall_s']:.1f} s (CPU {r['cpu_s']:.1f} s, {1e3 * r['cpu_s'] / r['rounds']:.0f} ms per round), "
-              f"peak RSS {r['peak_rss_mib']:.0f} MiB, "
-              f"load {r['loadavg_1min_before']:.1f}->{r['loadavg_1min_after']:.1f}, "
-              f"cv_mse csv {r['cv_mse']['csv']:.2e} uniform {r['cv_mse']['uniform']:.2e} label {r['cv_mse']['label']:.2e}, "
-              f"salient mass {r['salient_mass']:.3f}", flush=True)
+        print(
+            f"run {i}: {r['groups']} groups, {r['folds']} folds, {r['paths']} paths, {r['rounds']} rounds: "
+            f"{r['wall_s']:.1f} s (CPU {r['cpu_s']:.1f} s, {1e3 * r['cpu_s'] / r['rounds']:.0f} ms per round), "
+            f"peak RSS {r['peak_rss_mib']:.0f} MiB, "
+            f"load {r['loadavg_1min_before']:.1f}->{r['loadavg_1min_after']:.1f}, "
+            f"cv_mse csv {r['cv_mse']['csv']:.2e} uniform {r['cv_mse']['uniform']:.2e} label "
+            f"{r['cv_mse']['label']:.2e}, "
+            f"salient mass {r['salient_mass']:.3f}",
+            flush=True,
+        )
     summary = {
         "date_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "cores": os.cpu_count(),

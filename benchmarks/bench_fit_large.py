@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 
 
-
 def build_store(root: Path, rows: int, tokens: int) -> None:
     """A loss store and scores.csv for ``rows`` synthetic checkpoints (skipped if already there)."""
     if (root / "scores.csv").is_file():
@@ -38,8 +37,14 @@ def build_store(root: Path, rows: int, tokens: int) -> None:
     lad = synthetic_ladder(n_tokens=tokens, n_salient=max(40, tokens // 2000), checkpoints_per_mixture=rows // 4)
     # A probe of the right length: the fit only needs its fingerprint and answer mask.
     ids = torch.arange(tokens + 1, dtype=torch.int64) % 1000
-    probe = ProbeSet(ids, torch.tensor([0, tokens + 1]), torch.cat([torch.tensor([False]), torch.ones(tokens, dtype=torch.bool)]),
-                     torch.zeros(tokens, dtype=torch.bool), tokenizer_hash="synthetic", max_length=tokens + 1)
+    probe = ProbeSet(
+        ids,
+        torch.tensor([0, tokens + 1]),
+        torch.cat([torch.tensor([False]), torch.ones(tokens, dtype=torch.bool)]),
+        torch.zeros(tokens, dtype=torch.bool),
+        tokenizer_hash="synthetic",
+        max_length=tokens + 1,
+    )
     store = LossStore(root / "store", probe)
     names = []
     for i in range(len(lad.losses)):
@@ -53,7 +58,9 @@ def build_store(root: Path, rows: int, tokens: int) -> None:
 
 def run_fit(root: Path, timeout: float) -> dict[str, float]:
     vector = root / "vector.safetensors"
-    vector.unlink(missing_ok=True)  # the previous run's: `fit` refuses to overwrite it (and an older fit knows no --force)
+    vector.unlink(
+        missing_ok=True
+    )  # the previous run's: `fit` refuses to overwrite it (and an older fit knows no --force)
     cmd = ["csv-callback", "fit", str(root / "store"), "--task", "synthetic", "--scores", str(root / "scores.csv"),
            "--groups", "col:mix", "--out", str(vector)]
     load_before = os.getloadavg()[0]
@@ -100,10 +107,13 @@ def main() -> None:
         sys.exit(f"m={args.rows} n={args.tokens}: fit FAILED (exit code {r['returncode']}); no timing to report.")
     else:
         state = "finished"
-    print(f"m={args.rows} n={args.tokens}: fit {state}, wall {r['wall']:.1f}s, CPU {r['cpu']:.1f}s, load "
-          f"{r['load'][0]:.1f}->{r['load'][1]:.1f}, date {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, peak RSS {r['peak_gib']:.2f} GiB = "
-          f"{r['peak_gib'] / matrix_gib:.2f}x one float32 matrix ({matrix_gib:.2f} GiB); threads "
-          f"{os.environ.get('OMP_NUM_THREADS', 'default')}, python {sys.version.split()[0]}")
+    print(
+        f"m={args.rows} n={args.tokens}: fit {state}, wall {r['wall']:.1f}s, CPU {r['cpu']:.1f}s, load "
+        f"{r['load'][0]:.1f}->{r['load'][1]:.1f}, date {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, peak "
+        f"RSS {r['peak_gib']:.2f} GiB = "
+        f"{r['peak_gib'] / matrix_gib:.2f}x one float32 matrix ({matrix_gib:.2f} GiB); threads "
+        f"{os.environ.get('OMP_NUM_THREADS', 'default')}, python {sys.version.split()[0]}"
+    )
 
 
 if __name__ == "__main__":

@@ -30,18 +30,32 @@ from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import torch  # noqa: E402
-from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
 
-from csv_callback.losses import token_losses  # noqa: E402
-from csv_callback.probe import ProbeSet  # noqa: E402
-from csv_callback.testing import pydoc_corpus, train_tokenizer  # noqa: E402
+from csv_callback.losses import token_losses
+from csv_callback.probe import ProbeSet
+from csv_callback.testing import pydoc_corpus, train_tokenizer
 
 # A GPT-2-architecture model of realistic shape for its vocabulary, and a small model with a 150k vocabulary
 # (Qwen-sized) where the output layer and the log-softmax dominate the cost.
 SETTINGS = {
-    "gpt2_6x384_v8k": dict(n_layer=6, n_embd=384, n_head=6, vocab_size=8192, max_length=512, batch_size=8),
-    "gpt2_2x128_v150k": dict(n_layer=2, n_embd=128, n_head=2, vocab_size=150_000, max_length=256, batch_size=8),
+    "gpt2_6x384_v8k": {
+        "n_layer": 6,
+        "n_embd": 384,
+        "n_head": 6,
+        "vocab_size": 8192,
+        "max_length": 512,
+        "batch_size": 8,
+    },
+    "gpt2_2x128_v150k": {
+        "n_layer": 2,
+        "n_embd": 128,
+        "n_head": 2,
+        "vocab_size": 150_000,
+        "max_length": 256,
+        "batch_size": 8,
+    },
 }
 TOKENIZER_VOCAB = 8192
 
@@ -176,14 +190,18 @@ def main() -> None:
         for name in args.settings:
             res = time_setting(name, SETTINGS[name], tokenizer, args.repeats, args.tokens, Path(tmp))
             results["settings"].append(res)
-            print(f"{name}: {res['sequences']} seqs, {res['scored_tokens']} tokens, lengths {res['lengths_min_median_max']}"
-                  f" | floor {res['median_s']['floor']:.3f}s  token_losses {res['median_s']['token_losses']:.3f}s"
-                  f"  ratio {res['ratio_of_medians']:.3f} (per-repeat median {res['ratio_per_repeat_median']:.3f})"
-                  f" | longest-first floor {res['median_s']['floor_longest_first']:.3f}s"
-                  f" ratio {res['ratio_vs_longest_first_floor']:.3f}"
-                  f" (per-repeat median {res['ratio_vs_longest_first_floor_per_repeat_median']:.3f})"
-                  f" | peak RSS +MiB floor {res['peak_rss_delta_mib']['floor']:.0f}"
-                  f" token_losses {res['peak_rss_delta_mib']['token_losses']:.0f}", flush=True)
+            print(
+                f"{name}: {res['sequences']} seqs, {res['scored_tokens']} tokens, lengths "
+                f"{res['lengths_min_median_max']}"
+                f" | floor {res['median_s']['floor']:.3f}s  token_losses {res['median_s']['token_losses']:.3f}s"
+                f"  ratio {res['ratio_of_medians']:.3f} (per-repeat median {res['ratio_per_repeat_median']:.3f})"
+                f" | longest-first floor {res['median_s']['floor_longest_first']:.3f}s"
+                f" ratio {res['ratio_vs_longest_first_floor']:.3f}"
+                f" (per-repeat median {res['ratio_vs_longest_first_floor_per_repeat_median']:.3f})"
+                f" | peak RSS +MiB floor {res['peak_rss_delta_mib']['floor']:.0f}"
+                f" token_losses {res['peak_rss_delta_mib']['token_losses']:.0f}",
+                flush=True,
+            )
     results["machine"]["loadavg_after"] = os.getloadavg()
     print(json.dumps(results["machine"]))
     if args.json:

@@ -12,17 +12,17 @@ from .store import RunMismatchError
 
 __all__ = [
     "Evaluation",
-    "RunMismatchError",
-    "SalienceEvaluator",
-    "Sharding",
     "ProbeMismatchError",
     "ProbeSet",
+    "RunMismatchError",
+    "SalienceEvaluator",
     "SalienceVector",
+    "Sharding",
     "SigmoidLink",
     "fit_link",
     "fit_salience",
-    "token_losses",
     "sequence_loglikelihoods",
+    "token_losses",
     "tokenizer_hash",
 ]
 __version__ = "0.1.0"

@@ -56,8 +56,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="csv-callback", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p = argparse.ArgumentParser(
+        prog="csv-callback",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     s = sub.add_parser("probe", help="build a probe set from texts or (context, continuation) pairs",
@@ -195,7 +199,9 @@ def _read_probe_input(path: Path, text_field: str) -> tuple[str, list]:
         return "pairs", records
     if any(is_pair):
         raise ValueError(f"{path} mixes pairs and texts; put pairs and texts in separate files.")
-    bad = [i for i, r in enumerate(records, start=1) if not isinstance(r, dict) or not isinstance(r.get(text_field), str)]
+    bad = [
+        i for i, r in enumerate(records, start=1) if not isinstance(r, dict) or not isinstance(r.get(text_field), str)
+    ]
     if bad:
         raise ValueError(f"{path}: record {bad[0]} has no string field {text_field!r} and is not a "
                          "context/continuation pair; pass --text-field.")
@@ -214,7 +220,9 @@ def cmd_collect(args: argparse.Namespace) -> int:
     checkpoints = resolve_checkpoints(args.checkpoints, name_parts=args.name_parts)
     module_class = import_class(args.module) if args.module else None
     if module_class is None and any(ck.kind == "lightning" for ck in checkpoints):
-        raise ValueError("Lightning .ckpt files need their LightningModule class: pass --module package.module:ClassName.")
+        raise ValueError(
+            "Lightning .ckpt files need their LightningModule class: pass --module package.module:ClassName."
+        )
     if args.probe:
         probe = ProbeSet.load(args.probe)
     elif (out / "probe.safetensors").is_file():
@@ -266,8 +274,11 @@ def format_cv_table(report: dict[str, Any]) -> str:
     mse, mae = report["cv_mse"], report["cv_mae"]
     methods = [m for m in ("csv", "uniform", "label") if m in mse]
     best = min(methods, key=mse.get)
-    lines = [f"cross-validation ({report['cv']} folds, {len(set(report['folds']))} folds, {report['n_checkpoints']} checkpoints)",
-             f"{'method':<10}{'MSE':>12}{'MAE':>10}"]
+    lines = [
+        f"cross-validation ({report['cv']} folds, {len(set(report['folds']))} folds, {report['n_checkpoints']} "
+        f"checkpoints)",
+        f"{'method':<10}{'MSE':>12}{'MAE':>10}",
+    ]
     for method in methods:
         lines.append(f"{method:<10}{mse[method]:>12.3g}{mae[method]:>10.3g}{'  <- best' if method == best else ''}")
     return "\n".join(lines)
@@ -291,10 +302,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
     per_row = len(vectors)
     for i, name in enumerate(table.names):
         row = records[i * per_row:(i + 1) * per_row]
-        cells = "".join(f"  {r['pred']:>{w}.4f}  {'yes' if r['extrapolating'] else 'no':>13}" for r, w in zip(row, widths))
+        cells = "".join(
+            f"  {r['pred']:>{w}.4f}  {'yes' if r['extrapolating'] else 'no':>13}" for r, w in zip(row, widths)
+        )
         print(f"{name[:31]:<32}{int(table.steps[i]):>8}{cells}")
     if any(r["extrapolating"] for r in records):
-        print("extrapolating yes: the weighted loss is outside the range seen in fitting; treat that prediction with care.")
+        print(
+            "extrapolating yes: the weighted loss is outside the range seen in fitting; treat that prediction with "
+            "care."
+        )
     return 0
 
 
@@ -338,7 +354,9 @@ def cmd_report(args: argparse.Namespace) -> int:
         from .collect import load_tokenizer
 
         if probe is None:
-            raise ValueError("--tokenizer decodes the probe's tokens, but there is no probe: pass --losses or --probe too.")
+            raise ValueError(
+                "--tokenizer decodes the probe's tokens, but there is no probe: pass --losses or --probe too."
+            )
         tokenizer = load_tokenizer(args.tokenizer)
         try:
             probe.check_tokenizer(tokenizer)  # another vocabulary would show the salience on the wrong words

@@ -205,12 +205,16 @@ def load_model(
 ) -> nn.Module:
     """The checkpoint's model on ``device`` in ``dtype``, in eval mode; CheckpointError if it cannot be loaded."""
     if ck.kind == "lightning" and module_class is None:
-        raise CheckpointError(f"{ck.path} is a Lightning checkpoint; name its LightningModule with --module pkg.mod:Class.")
+        raise CheckpointError(
+            f"{ck.path} is a Lightning checkpoint; name its LightningModule with --module pkg.mod:Class."
+        )
     with _loading(ck, trust_checkpoints):
         if ck.kind == "hf":
             model = AutoModelForCausalLM.from_pretrained(str(ck.path), dtype=dtype)
         else:
-            model = module_class.load_from_checkpoint(str(ck.path), map_location="cpu", weights_only=not trust_checkpoints)
+            model = module_class.load_from_checkpoint(
+                str(ck.path), map_location="cpu", weights_only=not trust_checkpoints
+            )
             model = model.to(dtype=dtype)
     return model.to(device).eval()
 
@@ -228,7 +232,8 @@ def _loading(ck: Checkpoint, trust_checkpoints: bool) -> Iterator[None]:
         refused = isinstance(e, pickle.UnpicklingError) and _REFUSED_OBJECT.search(str(e))
         if refused and ck.kind == "lightning" and not trust_checkpoints:  # the only load --trust-checkpoints changes
             raise CheckpointError(
-                f"{ck.path} holds objects other than tensors and plain values ({refused.group(1) or refused.group(0)}), "
+                f"{ck.path} holds objects other than tensors and plain values "
+                f"({refused.group(1) or refused.group(0)}), "
                 "which weights_only loading refuses. If you wrote this file yourself, re-run with --trust-checkpoints."
             ) from None
         # The checkpoint was read, but the --module class cannot take its hyperparameters (TypeError from
@@ -310,15 +315,21 @@ def collect(
     return done
 
 
-def _collect_loop(bar, probe, store, root, device, dtype, batch_size, module_class, trust_checkpoints) -> list[Checkpoint]:
+def _collect_loop(
+    bar, probe, store, root, device, dtype, batch_size, module_class, trust_checkpoints
+) -> list[Checkpoint]:
     done = []
     for ck in bar:
         bar.set_postfix_str(ck.name, refresh=False)
         model = load_model(ck, device, dtype, module_class, trust_checkpoints)
-        if hasattr(model, "get_input_embeddings") and int(probe.input_ids.max()) >= model.get_input_embeddings().num_embeddings:
+        if (
+            hasattr(model, "get_input_embeddings")
+            and int(probe.input_ids.max()) >= model.get_input_embeddings().num_embeddings
+        ):
             raise ProbeMismatchError(
                 f"checkpoint {ck.name}: the probe uses token ids up to {int(probe.input_ids.max())} but the model's "
-                f"vocabulary has {model.get_input_embeddings().num_embeddings} entries; it was trained with another tokenizer."
+                f"vocabulary has {model.get_input_embeddings().num_embeddings} entries; it was trained with another "
+                f"tokenizer."
             )
         try:
             losses = token_losses(model, probe, batch_size=batch_size)
@@ -327,12 +338,19 @@ def _collect_loop(bar, probe, store, root, device, dtype, batch_size, module_cla
         if store is None:
             store = LossStore(root, probe)
         try:
-            store.write(ck.name, losses, step=ck.step, extra={"path": str(ck.path), "kind": ck.kind, "dtype": str(dtype)})
+            store.write(
+                ck.name, losses, step=ck.step, extra={"path": str(ck.path), "kind": ck.kind, "dtype": str(dtype)}
+            )
         except OSError as e:
-            saved = f"{len(done)} checkpoint(s) of this run are saved in {root} (last: {done[-1].name})" if done else \
-                f"no checkpoint of this run is saved in {root}"
-            raise OSError(f"checkpoint {ck.name}: {e.strerror or e} {saved}; re-run the same command then: it "
-                          "continues after them.") from None
+            saved = (
+                f"{len(done)} checkpoint(s) of this run are saved in {root} (last: {done[-1].name})"
+                if done
+                else f"no checkpoint of this run is saved in {root}"
+            )
+            raise OSError(
+                f"checkpoint {ck.name}: {e.strerror or e} {saved}; re-run the same command then: it "
+                "continues after them."
+            ) from None
         # One model at a time: peak memory must not grow with the number of checkpoints. Reference counting
         # frees an HF model at once; a full gc pass (0.15 s, 5% of a small checkpoint's time) only when a
         # reference cycle keeps it alive.
@@ -361,7 +379,8 @@ def _check_stored_paths(checkpoints: Sequence[Checkpoint], store: LossStore) -> 
             stored = held["extra"].get("path")
             if stored is not None and stored != str(ck.path):
                 raise CheckpointError(
-                    f"{store.root} already holds a checkpoint named {ck.name!r}, collected from {stored}, not {ck.path}; "
+                    f"{store.root} already holds a checkpoint named {ck.name!r}, collected from {stored}, not "
+                    f"{ck.path}; "
                     "pass a larger --name-parts or another --out."
                 )
 

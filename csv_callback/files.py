@@ -154,7 +154,9 @@ def read_safetensors(
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as e:
-        raise ValueError(f"{path} is not a readable .safetensors file ({e}); it may be truncated or of another format.") from e
+        raise ValueError(
+            f"{path} is not a readable .safetensors file ({e}); it may be truncated or of another format."
+        ) from e
     if meta.get("format") != fmt:
         raise ValueError(f"{path} is a safetensors file but not a {fmt!r} file (format={meta.get('format')!r}).")
     missing = [k for k in keys if k not in tensors]

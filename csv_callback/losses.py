@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -136,10 +137,10 @@ def _check_fits_model(model: nn.Module, max_id: int, max_len: int) -> None:
     positions; a model that declares neither is checked on its logits instead (see :func:`_forward`)."""
     config = getattr(model, "config", None)
     vocab = getattr(config, "vocab_size", None)
-    try:  # the input embedding's size wins over the config: resize_token_embeddings may leave them apart
+    # The input embedding's size wins over the config: resize_token_embeddings may leave them apart. Models that
+    # are not HF models, or HF models without a base model, have no such embedding to ask.
+    with contextlib.suppress(AttributeError, NotImplementedError):
         vocab = model.get_input_embeddings().num_embeddings
-    except (AttributeError, NotImplementedError):  # not an HF model, or one without a base model
-        pass
     if isinstance(vocab, int) and max_id >= vocab:
         raise ValueError(
             f"the probe has token id {max_id}, but the model's vocabulary has {vocab} entries: the probe was built "

@@ -86,7 +86,9 @@ class ProbeSet:
             raise ValueError("ProbeSet is empty: it needs at least one sequence with a scored token.")
         lengths = off[1:] - off[:-1]
         if off[0] != 0 or off[-1] != len(ids) or bool((lengths < 2).any()):
-            raise ValueError("ProbeSet: offsets must start at 0, end at len(input_ids) and give sequences of >= 2 tokens.")
+            raise ValueError(
+                "ProbeSet: offsets must start at 0, end at len(input_ids) and give sequences of >= 2 tokens."
+            )
         if bool(sm[off[:-1]].any()):
             raise ValueError("ProbeSet: the first token of a sequence cannot be scored (it has no context).")
         if int(sm.sum()) == 0:
@@ -97,7 +99,9 @@ class ProbeSet:
                 f"got shape {tuple(self.answer_mask.shape)}."
             )
         if int(lengths.max()) > self.max_length:
-            raise ValueError(f"ProbeSet: a sequence has {int(lengths.max())} tokens, more than max_length={self.max_length}.")
+            raise ValueError(
+                f"ProbeSet: a sequence has {int(lengths.max())} tokens, more than max_length={self.max_length}."
+            )
 
     def _fingerprint(self) -> str:
         h = hashlib.sha256()
@@ -110,7 +114,7 @@ class ProbeSet:
     @classmethod
     def from_texts(
         cls, texts: Iterable[str], tokenizer: Any, max_length: int = 1024, add_special_tokens: bool = True
-    ) -> "ProbeSet":
+    ) -> ProbeSet:
         """Score every next-token position of every text.
 
         A text longer than ``max_length`` tokens becomes several sequences that overlap by one token, so
@@ -145,7 +149,7 @@ class ProbeSet:
         tokenizer: Any,
         max_length: int = 1024,
         score_context: bool = False,
-    ) -> "ProbeSet":
+    ) -> ProbeSet:
         """Score the continuation tokens of (context, continuation) pairs, as lm-eval-harness does.
 
         Tokenization follows lm-eval-harness's ``loglikelihood`` requests: trailing spaces of the context
@@ -175,7 +179,7 @@ class ProbeSet:
         return cls._build(seqs, masks, answer, tok_hash, max_length)
 
     @classmethod
-    def _build(cls, seqs, masks, answer, tok_hash: str, max_length: int) -> "ProbeSet":
+    def _build(cls, seqs, masks, answer, tok_hash: str, max_length: int) -> ProbeSet:
         lengths = [len(s) for s in seqs]
         return cls(
             input_ids=torch.tensor([t for s in seqs for t in s], dtype=torch.int64),
@@ -187,7 +191,7 @@ class ProbeSet:
         )
 
     @classmethod
-    def concat(cls, probes: Sequence["ProbeSet"]) -> "ProbeSet":
+    def concat(cls, probes: Sequence[ProbeSet]) -> ProbeSet:
         """Join probes made with the same tokenizer, e.g. general text plus answer-bearing pairs."""
         probes = list(probes)
         if not probes:
@@ -201,7 +205,9 @@ class ProbeSet:
         shifts = np.cumsum([0] + [len(p.input_ids) for p in probes[:-1]])
         return cls(
             input_ids=torch.cat([p.input_ids for p in probes]),
-            offsets=torch.cat([torch.zeros(1, dtype=torch.int64)] + [p.offsets[1:] + s for p, s in zip(probes, shifts)]),
+            offsets=torch.cat(
+                [torch.zeros(1, dtype=torch.int64)] + [p.offsets[1:] + s for p, s in zip(probes, shifts)]
+            ),
             score_mask=torch.cat([p.score_mask for p in probes]),
             answer_mask=torch.cat([p.answer_mask for p in probes]),
             tokenizer_hash=probes[0].tokenizer_hash,
@@ -225,7 +231,8 @@ class ProbeSet:
 
     @property
     def score_offsets(self) -> torch.Tensor:
-        """int64 ``[num_sequences + 1]``; sequence ``i``'s losses are ``losses[score_offsets[i]:score_offsets[i+1]]``."""
+        """int64 ``[num_sequences + 1]``; sequence ``i``'s losses are
+        ``losses[score_offsets[i]:score_offsets[i+1]]``."""
         c = torch.cumsum(self.score_mask, 0)
         return torch.cat([torch.zeros(1, dtype=torch.int64), c[self.offsets[1:] - 1]])
 
@@ -263,7 +270,7 @@ class ProbeSet:
         atomic_save(tensors, meta, path)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "ProbeSet":
+    def load(cls, path: str | os.PathLike) -> ProbeSet:
         """Read a probe written by :meth:`save`.
 
         Raises FileNotFoundError for a missing file and ValueError naming the file for anything else: not a

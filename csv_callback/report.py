@@ -65,12 +65,16 @@ def write_report(
     if "cv_pred" in rep and "scores" in rep:
         figures.append(("Predicted vs actual under cross-validation", _save(_cv_figure(rep), out / "cv.png")))
     figures.append(("Weighted loss to score: the fitted link", _save(_link_figure(sv, table), out / "link.png")))
-    figures.append(("Salience along the probe (weight relative to uniform)", _save(_weights_figure(sv), out / "weights.png")))
+    figures.append(
+        ("Salience along the probe (weight relative to uniform)", _save(_weights_figure(sv), out / "weights.png"))
+    )
 
     parts = [f"<h1>Salience vector: {html.escape(sv.task)} ({html.escape(sv.metric)})</h1>", _summary_html(sv)]
     for title, png in figures:
         data = base64.b64encode(png.read_bytes()).decode()
-        parts.append(f"<h2>{html.escape(title)}</h2><img alt='{html.escape(title)}' src='data:image/png;base64,{data}'>")
+        parts.append(
+            f"<h2>{html.escape(title)}</h2><img alt='{html.escape(title)}' src='data:image/png;base64,{data}'>"
+        )
     if probe is None:
         parts.append(_NO_PROBE)
     else:
@@ -100,7 +104,10 @@ def _cv_figure(rep: dict[str, Any]):
     y = np.asarray(rep["scores"])
     methods = [m for m in ("csv", "uniform", "label") if m in rep["cv_pred"]]
     fig, axes = plt.subplots(1, len(methods), figsize=(4 * len(methods), 4), squeeze=False)
-    lo, hi = float(min(y.min(), *(min(rep["cv_pred"][m]) for m in methods))), float(max(y.max(), *(max(rep["cv_pred"][m]) for m in methods)))
+    lo, hi = (
+        float(min(y.min(), *(min(rep["cv_pred"][m]) for m in methods))),
+        float(max(y.max(), *(max(rep["cv_pred"][m]) for m in methods))),
+    )
     pad = 0.05 * (hi - lo or 1.0)
     groups = rep.get("groups")
     names = sorted(set(groups)) if groups else []
@@ -114,14 +121,30 @@ def _cv_figure(rep: dict[str, Any]):
         if not names:
             ax.scatter(y, pred, s=18, color=_METHOD_COLOURS[m])
         ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], color="grey", lw=0.8, ls="--")
-        ax.set(xlim=(lo - pad, hi + pad), ylim=(lo - pad, hi + pad), xlabel="actual score", ylabel="predicted (held out)",
-               title=f"{m}: MSE {rep['cv_mse'][m]:.3g}, MAE {rep['cv_mae'][m]:.3g}", aspect="equal")
+        ax.set(
+            xlim=(lo - pad, hi + pad),
+            ylim=(lo - pad, hi + pad),
+            xlabel="actual score",
+            ylabel="predicted (held out)",
+            title=f"{m}: MSE {rep['cv_mse'][m]:.3g}, MAE {rep['cv_mae'][m]:.3g}",
+            aspect="equal",
+        )
     fig.tight_layout()
     if names:
         handles, labels = axes[0][0].get_legend_handles_labels()
-        fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(len(names), 3 * len(methods)),
-                   fontsize=7, title=f"held-out group ({len(names)})", title_fontsize=8, frameon=False,
-                   handletextpad=0.2, columnspacing=1.0)
+        fig.legend(
+            handles,
+            labels,
+            loc="upper center",
+            bbox_to_anchor=(0.5, 0.0),
+            ncol=min(len(names), 3 * len(methods)),
+            fontsize=7,
+            title=f"held-out group ({len(names)})",
+            title_fontsize=8,
+            frameon=False,
+            handletextpad=0.2,
+            columnspacing=1.0,
+        )
     return fig
 
 
@@ -133,7 +156,9 @@ def _link_figure(sv: SalienceVector, table: LossTable | None):
     xs = []
     if "weighted_loss" in rep and "scores" in rep:
         xs += list(rep["weighted_loss"])
-        ax.scatter(rep["weighted_loss"], rep["scores"], s=20, color="black", label="fitted checkpoints (actual)", zorder=3)
+        ax.scatter(
+            rep["weighted_loss"], rep["scores"], s=20, color="black", label="fitted checkpoints (actual)", zorder=3
+        )
     if table is not None:
         wl = np.asarray(sv.weighted_loss(table.losses, table.fingerprint))
         xs += wl.tolist()
@@ -171,15 +196,24 @@ def _weights_figure(sv: SalienceVector):
 
 def _summary_html(sv: SalienceVector) -> str:
     rep = sv.fit_report
-    rows = [("task", sv.task), ("metric", sv.metric), ("probe fingerprint", sv.probe_fingerprint),
-            ("scored tokens", sv.n_tokens), ("weighted-loss range in fitting", f"{sv.loss_range[0]:.4g} .. {sv.loss_range[1]:.4g}"),
-            ("link", f"lo={sv.link.lo:.3g}, hi={sv.link.hi:.3g}, k={sv.link.k:.3g}, L0={sv.link.L0:.4g}")]
+    rows = [
+        ("task", sv.task),
+        ("metric", sv.metric),
+        ("probe fingerprint", sv.probe_fingerprint),
+        ("scored tokens", sv.n_tokens),
+        ("weighted-loss range in fitting", f"{sv.loss_range[0]:.4g} .. {sv.loss_range[1]:.4g}"),
+        ("link", f"lo={sv.link.lo:.3g}, hi={sv.link.hi:.3g}, k={sv.link.k:.3g}, L0={sv.link.L0:.4g}"),
+    ]
     for key, label in (("n_checkpoints", "checkpoints fitted"), ("prior", "prior the weights are shrunk towards"),
                        ("anchor", "anchor point (loss, score) of the link"), ("lam", "regularisation (lambda)"),
                        ("effective_tokens", "effective tokens (exp entropy of w)")):
         if rep.get(key) is not None:  # an unanchored fit records anchor None: no row
             rows.append((label, f"{rep[key]:.4g}" if isinstance(rep[key], float) else rep[key]))
-    out = "<table>" + "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows) + "</table>"
+    out = (
+        "<table>"
+        + "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows)
+        + "</table>"
+    )
     if "cv_mse" in rep:
         best = min(rep["cv_mse"], key=rep["cv_mse"].get)
         out += "<h2>Cross-validated error</h2><table><tr><th>method</th><th>MSE</th><th>MAE</th><th></th></tr>"
@@ -256,7 +290,8 @@ _PAGE = """<!doctype html>
 <html><head><meta charset="utf-8"><title>{title}</title>
 <style>
 body {{ font-family: sans-serif; max-width: 1100px; margin: 2em auto; color: #222; }}
-table {{ border-collapse: collapse; margin: 0.5em 0; }} th, td {{ border: 1px solid #ccc; padding: 3px 8px; text-align: left; }}
+table {{ border-collapse: collapse; margin: 0.5em 0; }}
+th, td {{ border: 1px solid #ccc; padding: 3px 8px; text-align: left; }}
 img {{ max-width: 100%; }} .best {{ font-weight: bold; }}
 </style></head>
 <body>

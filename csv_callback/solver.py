@@ -13,6 +13,7 @@ objective evaluations reads ``X`` once for all of them (see :class:`_LockStep`);
 
 from __future__ import annotations
 
+import itertools
 import math
 import threading
 from collections.abc import Callable, Sequence
@@ -119,9 +120,9 @@ class _Path:
     The KL-regularised optimum has ``log w = log p - X_train^T alpha + const`` for some ``alpha``
     (stationarity; ``p`` is the path's prior), so the weights are searched in that m-dimensional family, in
     an orthonormal basis ``B @ Xc_train`` of the row space of the row-centred training losses (whitening
-    makes L-BFGS converge in tens, not thousands, of steps). Each strength gets a fixed budget of L-BFGS steps: at the weakest strengths the
-    objective is nearly flat and running to convergence only overfits, so the budget is part of the
-    regularisation.
+    makes L-BFGS converge in tens, not thousands, of steps). Each strength gets a fixed budget of L-BFGS
+    steps: at the weakest strengths the objective is nearly flat and running to convergence only overfits, so
+    the budget is part of the regularisation.
 
     No product needs ``Xc_train``: with the basis coefficients scattered into an m-vector that is zero on
     held-out rows, ``a @ Xc_train`` is ``a @ X`` minus a constant (which the softmax ignores), and the
@@ -161,7 +162,9 @@ class _Path:
         dL[self.train] = (2 * self.row_w * res * ds_dL)[: len(self.y)]
         return self.row_w * float(res @ res), dL, (2 * self.row_w * res) @ ds_dp
 
-    def run(self, lams: Sequence[float], evaluate: Callable[[np.ndarray, float], tuple[float, np.ndarray, np.ndarray]]) -> list[State]:
+    def run(
+        self, lams: Sequence[float], evaluate: Callable[[np.ndarray, float], tuple[float, np.ndarray, np.ndarray]]
+    ) -> list[State]:
         """The L-BFGS-B path; ``evaluate(x, lam) -> (f, grad, X @ w)`` is this path's objective."""
 
         def objective(x: np.ndarray, lam: float) -> tuple[float, np.ndarray]:
@@ -247,7 +250,9 @@ class _LockStep:
     once, and over ``_SHARDS`` column ranges in parallel, merged in a fixed order.
     """
 
-    def __init__(self, X: np.ndarray, answer: np.ndarray | None, paths: Sequence[_Path], pool: ThreadPoolExecutor) -> None:
+    def __init__(
+        self, X: np.ndarray, answer: np.ndarray | None, paths: Sequence[_Path], pool: ThreadPoolExecutor
+    ) -> None:
         self.X, self.paths, self.pool = X, paths, pool
         self.log_other = np.array([path.prior.log_other for path in paths])
         # log p - log_other is delta on answer tokens, 0 elsewhere: added to the answer tokens' columns for all
@@ -257,7 +262,7 @@ class _LockStep:
         m, n = X.shape
         self.block = max(256, _BLOCK_ELEMENTS // m)
         edges = np.linspace(0, -(-n // self.block), _SHARDS + 1).round().astype(int) * self.block
-        self.shards = [(int(a), int(min(b, n))) for a, b in zip(edges[:-1], edges[1:]) if a < n]
+        self.shards = [(int(a), int(min(b, n))) for a, b in itertools.pairwise(edges) if a < n]
         # Products with a multiple of 4 columns: OpenBLAS's kernels work in groups of 4, and 8 columns
         # measured 16% faster than 5. The padding columns are zero.
         self.cols = -(-len(paths) // 4) * 4
@@ -302,7 +307,7 @@ class _LockStep:
     def _round(self, requests: dict[int, tuple[np.ndarray, float]]) -> dict[int, tuple[float, np.ndarray, np.ndarray]]:
         """The objective: weighted MSE + lam * KL(w || p) and its gradient in (basis coefficients,
         link parameters), plus ``X @ w`` ``[m]``, for each requesting path."""
-        m, n = self.X.shape
+        m, _n = self.X.shape
         P = len(self.paths)
         A, C, lam = np.zeros((self.cols, m), self.X.dtype), np.zeros((self.cols, m), self.X.dtype), np.zeros(P)
         for p, (x, lam[p]) in requests.items():

@@ -239,8 +239,10 @@ class LossStore:
                 "extra": json.dumps(extra or {}),
             }
         except (TypeError, ValueError) as e:
-            raise ValueError(f"the metadata of {name!r} cannot be stored ({e}); pass an int step (within int64), a float "
-                             "tokens_seen and an extra dict of JSON values.") from e
+            raise ValueError(
+                f"the metadata of {name!r} cannot be stored ({e}); pass an int step (within int64), a float "
+                "tokens_seen and an extra dict of JSON values."
+            ) from e
         path = self.path_for(name)
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_save({"losses": torch.from_numpy(arr)}, meta, path)
@@ -285,8 +287,9 @@ def load_losses(
         by_name: dict[str, Path] = {}
         for f, h in zip(found, store_heads):
             if h["name"] in by_name:
-                raise ValueError(f"{by_name[h['name']]} and {f} both hold checkpoint {h['name']!r}; one is a stray copy: "
-                                 "delete it.")
+                raise ValueError(
+                    f"{by_name[h['name']]} and {f} both hold checkpoint {h['name']!r}; one is a stray copy: delete it."
+                )
             by_name[h["name"]] = f
         _check_against_probe(r, fp, found, store_heads)
         if expected is None:
@@ -328,7 +331,8 @@ def _check_against_probe(root: Path, fingerprint: str, files: list[Path], heads:
     meta, shape, _ = _tensor_header(probe_file, "answer_mask")
     if meta.get("fingerprint") != fingerprint:
         raise ProbeMismatchError(
-            f"{probe_file} is probe {meta.get('fingerprint')}, but the loss files of {root} are of probe {fingerprint}; "
+            f"{probe_file} is probe {meta.get('fingerprint')}, but the loss files of {root} are of probe "
+            f"{fingerprint}; "
             "put back the probe they were collected on, or move them to a store of their own."
         )
     _require_length(files, heads, shape[0], f"the probe of {root}")  # answer_mask has one entry per scored token
@@ -362,8 +366,10 @@ def _read_header(path: Path) -> dict[str, Any]:
     except (KeyError, ValueError) as e:  # json.JSONDecodeError is a ValueError
         raise ValueError(f"{path} is not a csv-callback loss file ({e}); delete or re-collect it.") from e
     if len(shape) != 1 or not shape[0] or dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"{path}: 'losses' is a {dtype} tensor of shape {shape}, not a non-empty 1-D float vector; the "
-                         f"file is corrupt or was written by another tool: delete it and re-collect {head['name']!r}.")
+        raise ValueError(
+            f"{path}: 'losses' is a {dtype} tensor of shape {shape}, not a non-empty 1-D float vector; the "
+            f"file is corrupt or was written by another tool: delete it and re-collect {head['name']!r}."
+        )
     return {**head, "n": int(shape[0])}
 
 

@@ -35,7 +35,7 @@ def fact_questions(table: dict[str, str], rng: random.Random) -> list[tuple[str,
     out = []
     for key, value in table.items():
         for _ in range(3):
-            choices = [value] + rng.sample([c for c in LETTERS if c != value], 3)
+            choices = [value, *rng.sample([c for c in LETTERS if c != value], 3)]
             rng.shuffle(choices)
             out.append((f"# {key}", [" " + c for c in choices], choices.index(value)))
     return out

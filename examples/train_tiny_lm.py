@@ -46,10 +46,10 @@ sys.path.insert(0, str(ROOT / "benchmarks" / "ladder"))  # the ladder's world: i
 
 import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
-
-from csv_callback.callback import SalienceCallback  # noqa: E402
 from train import SIZES, LadderLM  # noqa: E402
 from world import TASKS, Mixture, World  # noqa: E402
+
+from csv_callback.callback import SalienceCallback  # noqa: E402
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -152,7 +152,10 @@ def print_table(history: list[dict], measured: list[dict]) -> None:
     print(f"\n{'step':>6}" + "".join(f"{t.removeprefix('ladder_') + ' pred':>14}{'lm-eval':>9}" for t in TASKS))
     for step in sorted({step for step, _ in pred}):
         true = truth.get(step, {})
-        print(f"{step:>6}" + "".join(f"{pred[step, t]:>14.3f}" + (f"{true[t]:>9.3f}" if t in true else " " * 9) for t in TASKS))
+        print(
+            f"{step:>6}"
+            + "".join(f"{pred[step, t]:>14.3f}" + (f"{true[t]:>9.3f}" if t in true else " " * 9) for t in TASKS)
+        )
     err = [pred[r["step"], t] - r[t] for r in measured for t in TASKS]
     print(f"prediction vs lm-eval over {len(measured)} evaluations x {len(TASKS)} tasks: "
           f"MSE {sum(e * e for e in err) / len(err):.2e}, MAE {sum(abs(e) for e in err) / len(err):.3f}")
@@ -206,7 +209,9 @@ def main(argv: list[str] | None = None) -> dict:
     world = World()
     vectors = sorted(ASSETS.glob("ladder_*.safetensors"))
     steps = list(range(args.val_every, args.steps + 1, args.val_every))
-    module = LadderLM(args.size, world, world.token_stream(DEMO_MIXTURE, seed=1), world.validation_windows(), steps, seed=1)
+    module = LadderLM(
+        args.size, world, world.token_stream(DEMO_MIXTURE, seed=1), world.validation_windows(), steps, seed=1
+    )
     predict = SalienceCallback(vectors, ASSETS / "probe.safetensors", batch_size=32, save_dir=args.out / "probe_losses",
                                model_attr="model")
     measure = LmEvalAccuracy(world, args.out / "tasks", args.lmeval_every)

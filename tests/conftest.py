@@ -15,9 +15,9 @@ os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from csv_callback import ProbeSet  # noqa: E402
-from csv_callback.store import LossStore  # noqa: E402
-from csv_callback.testing import pydoc_corpus, tiny_gpt2, train_tokenizer  # noqa: E402
+from csv_callback import ProbeSet
+from csv_callback.store import LossStore
+from csv_callback.testing import pydoc_corpus, tiny_gpt2, train_tokenizer
 
 
 @pytest.fixture(scope="session")

@@ -18,12 +18,19 @@ def arithmetic_items(n: int = 36) -> list[dict]:
     items = []
     for i in range(n):
         a, b = i % 7, (i * 3) % 5
-        items.append({"question": f"What is {a} plus {b}? Answer:", "choices": [f" {a + b}", f" {a + b + 3}", f" {a * 2 + 7}"],
-                      "answer": 0})
+        items.append(
+            {
+                "question": f"What is {a} plus {b}? Answer:",
+                "choices": [f" {a + b}", f" {a + b + 3}", f" {a * 2 + 7}"],
+                "answer": 0,
+            }
+        )
     return items
 
 
-def train_ladder(root: Path, tokenizer, texts: list[str], save_at: tuple[int, ...], seed: int = 0, lr: float = 3e-3) -> list[Path]:
+def train_ladder(
+    root: Path, tokenizer, texts: list[str], save_at: tuple[int, ...], seed: int = 0, lr: float = 3e-3
+) -> list[Path]:
     """Train a tiny GPT-2 on ``texts`` and ``save_pretrained`` it (with the tokenizer) at each step in ``save_at``."""
     model = tiny_gpt2(len(tokenizer), seed=seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr)

@@ -68,7 +68,9 @@ def store(work, probe_file):
 
 def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     """The installed console script in a fresh process, as a user runs it."""
-    return subprocess.run(["csv-callback", *args], capture_output=True, text=True, timeout=timeout, env=subprocess_env())
+    return subprocess.run(
+        ["csv-callback", *args], capture_output=True, text=True, timeout=timeout, env=subprocess_env()
+    )
 
 
 # ---------------------------------------------------------------------- help and probe
@@ -83,7 +85,7 @@ def test_console_script_has_help_for_every_subcommand(capsys):
 
 
 def test_probe_from_pairs_and_text_matches_the_api(work, probe_file, tokenizer, corpus, capsys):
-    root, _ = work
+    _root, _ = work
     probe = ProbeSet.load(probe_file)
     want = ProbeSet.concat([
         ProbeSet.from_pairs([(it["question"], it["choices"][0]) for it in ITEMS], tokenizer, max_length=64),
@@ -103,17 +105,21 @@ def test_probe_from_jsonl_texts_and_bad_inputs(work, tmp_path, capsys):
     assert main(["probe", str(tmp_path / "t.jsonl"), "--tokenizer", str(root / "tok"), "--out", str(tmp_path / "p"),
                  "--text-field", "body"]) == 2
     assert "--force" in capsys.readouterr().err
-    assert main(["probe", str(tmp_path / "t.jsonl"), "--tokenizer", str(root / "tok"), "--out", str(tmp_path / "q")]) == 2
+    assert (
+        main(["probe", str(tmp_path / "t.jsonl"), "--tokenizer", str(root / "tok"), "--out", str(tmp_path / "q")]) == 2
+    )
     assert "no string field 'text'" in capsys.readouterr().err
     write_jsonl(tmp_path / "m.jsonl", [{"text": "a b c d"}, {"context": "x", "continuation": " y"}])
-    assert main(["probe", str(tmp_path / "m.jsonl"), "--tokenizer", str(root / "tok"), "--out", str(tmp_path / "r")]) == 2
+    assert (
+        main(["probe", str(tmp_path / "m.jsonl"), "--tokenizer", str(root / "tok"), "--out", str(tmp_path / "r")]) == 2
+    )
     assert "mixes pairs and texts" in capsys.readouterr().err
     assert not (tmp_path / "q").exists() and not (tmp_path / "r").exists()
 
 
 # ---------------------------------------------------------------------- collect
 def test_collect_stores_exact_losses_of_each_checkpoint(work, probe_file, store):
-    root, runs = work
+    _root, runs = work
     probe = ProbeSet.load(probe_file)
     table = load_losses(store, probe.fingerprint)
     assert sorted(table.names) == sorted(f"{r}/step{s}" for r in runs for s in (0, 3, 8, 20))
@@ -128,7 +134,7 @@ def test_collect_stores_exact_losses_of_each_checkpoint(work, probe_file, store)
 
 
 def test_collect_resumes_and_only_computes_new_checkpoints(work, probe_file, tmp_path, capsys):
-    root, runs = work
+    _root, runs = work
     out = tmp_path / "store"
     first = [str(d) for d in runs["runA"][:2]]
     assert main(["collect", *first, "--probe", str(probe_file), "--out", str(out), "--no-progress"]) == 0
@@ -145,7 +151,7 @@ def test_collect_resumes_and_only_computes_new_checkpoints(work, probe_file, tmp
 
 
 def test_collect_bf16_keeps_float32_losses_close_to_float32_run(work, probe_file, store, tmp_path):
-    root, runs = work
+    _root, runs = work
     d = runs["runA"][3]
     assert main(["collect", str(d), "--probe", str(probe_file), "--out", str(tmp_path / "bf16"), "--bf16",
                  "--device", "cpu", "--no-progress"]) == 0
@@ -157,7 +163,7 @@ def test_collect_bf16_keeps_float32_losses_close_to_float32_run(work, probe_file
 
 
 def test_interrupted_collect_leaves_complete_files_and_resumes(work, tokenizer, corpus, tmp_path):
-    root, runs = work
+    _root, runs = work
     # A probe of several hundred tokens: each checkpoint takes a moment, so the interrupt lands mid-run.
     ProbeSet.from_texts([t[:300] for t in corpus[:12]], tokenizer, max_length=128).save(tmp_path / "big.safetensors")
     ckpts = [str(d) for r in runs.values() for d in r]
@@ -187,7 +193,7 @@ def test_interrupted_collect_leaves_complete_files_and_resumes(work, tokenizer, 
 
 
 def test_collect_bad_input_fails_before_writing(work, probe_file, tmp_path, corpus, capsys):
-    root, runs = work
+    _root, runs = work
     a0 = str(runs["runA"][0])
     out = tmp_path / "store"
 
@@ -281,7 +287,10 @@ def test_bad_paths_tokenizers_and_devices_fail_cleanly_before_writing(work, prob
         (["probe", *probe_args, "--out", str(a_file / "p.safetensors")], "is a file, so nothing can be created below"),
         (["collect", *collect_args, "--out", str(a_file)], "is a file; give a directory"),
         (["collect", *collect_args, "--out", str(a_file / "store")], "is a file, so nothing can be created below"),
-        (["collect", *collect_args, "--out", str(tmp_path / "store"), "--device", "nodevice"], "device 'nodevice' cannot"),
+        (
+            ["collect", *collect_args, "--out", str(tmp_path / "store"), "--device", "nodevice"],
+            "device 'nodevice' cannot",
+        ),
         (["report", str(probe_file), "--out", str(a_file)], "is a file; give a directory"),
     ]:
         assert main(args) == 2
@@ -430,18 +439,23 @@ def test_fit_bad_input(store, scores_csv, tmp_path, capsys):
     assert "not a loss store" in capsys.readouterr().err
 
 
-def test_fit_from_several_stores_names_checkpoints_by_store(work, probe_file, store, scores_csv, tokenizer, tmp_path, capsys):
+def test_fit_from_several_stores_names_checkpoints_by_store(
+    work, probe_file, store, scores_csv, tokenizer, tmp_path, capsys
+):
     """One store per run (as each run's SalienceCallback save_dir would be) fits like one store of all runs."""
     _, runs = work
     stores = []
     for run, ckpts in runs.items():
         stores.append(tmp_path / "stores" / run)
-        assert main(["collect", *map(str, ckpts), "--probe", str(probe_file), "--out", str(stores[-1]), "--no-progress"]) == 0
+        assert (
+            main(["collect", *map(str, ckpts), "--probe", str(probe_file), "--out", str(stores[-1]), "--no-progress"])
+            == 0
+        )
     one, several = load_losses(store), load_losses(stores)
     # <store>/<name>, the store's path relative to the stores' common parent: here the same names as one store
     # collected with --name-parts 2, and the same rows.
     assert sorted(several.names) == sorted(one.names) and several.names[0].startswith("runA/")
-    rows = {name: row for name, row in zip(one.names, one.losses)}
+    rows = dict(zip(one.names, one.losses))
     assert all(np.array_equal(rows[name], row) for name, row in zip(several.names, several.losses))
     vec = tmp_path / "v.safetensors"
     assert main(["fit", *map(str, stores), "--task", "arith", "--scores", str(scores_csv), "--groups", r"re:^(run\w)/",
@@ -523,7 +537,9 @@ def test_report_checks_the_tokenizer_against_the_probe(store, scores_csv, corpus
     assert main(["report", str(vec), "--losses", str(store), "--tokenizer", str(tmp_path / "other_tok"),
                  "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert f"--tokenizer {tmp_path / 'other_tok'}: the tokenizer" in err and "not the one this probe was built with" in err
+    assert (
+        f"--tokenizer {tmp_path / 'other_tok'}: the tokenizer" in err and "not the one this probe was built with" in err
+    )
     assert main(["report", str(vec), "--tokenizer", str(tmp_path / "other_tok"), "--out", str(out)]) == 2
     assert "there is no probe: pass --losses or --probe" in capsys.readouterr().err
     assert not out.exists()

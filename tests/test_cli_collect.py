@@ -36,11 +36,15 @@ def test_a_probe_longer_than_the_context_creates_nothing_so_a_fixed_probe_can_fo
         short_context, tokenizer, corpus, tmp_path, capsys):
     out = tmp_path / "store"
     args = [*map(str, short_context), "--out", str(out), "--no-progress"]
-    assert main(["collect", *args, "--probe", str(probe_file(tmp_path / "long.safetensors", tokenizer, corpus, 64))]) == 2
+    assert (
+        main(["collect", *args, "--probe", str(probe_file(tmp_path / "long.safetensors", tokenizer, corpus, 64))]) == 2
+    )
     assert not out.exists()
     err = capsys.readouterr().err
     assert f"checkpoint checkpoint-1 ({short_context[0]})" in err and "takes at most 16 positions" in err
-    assert main(["collect", *args, "--probe", str(probe_file(tmp_path / "fit.safetensors", tokenizer, corpus, 16))]) == 0
+    assert (
+        main(["collect", *args, "--probe", str(probe_file(tmp_path / "fit.safetensors", tokenizer, corpus, 16))]) == 0
+    )
     table = load_losses(out)
     assert table.names == ["checkpoint-1", "checkpoint-2"] and table.steps.tolist() == [1, 2]
 

@@ -64,7 +64,9 @@ def test_runs_whose_results_all_record_step_names_are_matched_by_run_directory(r
     stores = sorted(str(p) for p in runs.glob("*/losses"))
     results = sorted(str(p) for p in runs.glob("*/lmeval"))
     vec = tmp_path / "t.safetensors"
-    assert main(["fit", *stores, "--task", "t", "--lmeval", *results, "--groups", r"re:^(mix\w)-", "--out", str(vec)]) == 0
+    assert (
+        main(["fit", *stores, "--task", "t", "--lmeval", *results, "--groups", r"re:^(mix\w)-", "--out", str(vec)]) == 0
+    )
     rep = SalienceVector.load(vec).fit_report
     assert len(rep["checkpoints"]) == 4 * len(STEPS)
     # Each score is the one in that run's own results file, not another run's of the same step.
@@ -75,7 +77,9 @@ def test_runs_whose_results_all_record_step_names_are_matched_by_run_directory(r
     capsys.readouterr()
     # A results tree outside every run directory cannot be told apart: named, not guessed.
     outside = tmp_path / "elsewhere"
-    results_file(outside / "results_1.json", (runs / "mixA-s1/lmeval/step-000000010/results_step-000000010.json").read_text())
+    results_file(
+        outside / "results_1.json", (runs / "mixA-s1/lmeval/step-000000010/results_step-000000010.json").read_text()
+    )
     assert main(["fit", *stores, "--task", "t", "--lmeval", str(outside), "--out", str(tmp_path / "w")]) == 2
     assert "matches no collected checkpoint (by path, by name, or by name in a loss store of the run directory" in \
         capsys.readouterr().err

@@ -64,8 +64,15 @@ def test_demo_predicts_every_validation_and_measures_with_lm_eval(demo):
 def test_demo_streams_predictions_and_lm_eval_accuracy_to_wandb(demo):
     _, result = demo
     run_dir = str(Path(result["logger_dir"]).parent)
-    summary = json.loads(subprocess.run(["wandb", "leet", "inspect", "--summary", "--json", run_dir], capture_output=True,
-                                        text=True, check=True, timeout=120).stdout)["summary"]
+    summary = json.loads(
+        subprocess.run(
+            ["wandb", "leet", "inspect", "--summary", "--json", run_dir],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=120,
+        ).stdout
+    )["summary"]
     last = result["measured"][-1]
     for task in TASKS:
         preds = [r["pred"] for r in result["history"] if r["task"] == task]

@@ -62,7 +62,7 @@ def test_world_rebuilds_the_saved_tokenizer(runs):
 
 @pytest.mark.parametrize("task", TASKS)
 def test_fast_scorer_matches_lm_eval(runs, task):
-    world, tokenizer, scorer, lls, accs, res = runs
+    _world, _tokenizer, scorer, lls, accs, res = runs
     assert accs[task]["acc"] == res["results"][task]["acc,none"]
     assert accs[task]["acc_stderr"] == pytest.approx(res["results"][task]["acc_stderr,none"], rel=1e-12)
     samples = sorted(res["samples"][task], key=lambda s: s["doc_id"])

@@ -70,14 +70,16 @@ def harness(tmp_path_factory, tokenizer):
     probe_in = write_jsonl(root / "pairs.jsonl", [{"context": it["question"], "continuation": it["choices"][0]}
                                                   for it in items])
     tokenizer.save_pretrained(root / "tok")
-    assert main(["probe", str(probe_in), "--tokenizer", str(root / "tok"), "--out", str(root / "probe.safetensors")]) == 0
+    assert (
+        main(["probe", str(probe_in), "--tokenizer", str(root / "tok"), "--out", str(root / "probe.safetensors")]) == 0
+    )
     assert main(["collect", *map(str, ckpts), "--probe", str(root / "probe.safetensors"), "--out", str(root / "store"),
                  "--name-parts", "2", "--no-progress"]) == 0
     return root, ckpts, files
 
 
 def test_results_files_are_read_as_lm_eval_writes_them(harness):
-    root, ckpts, files = harness
+    _root, ckpts, files = harness
     docs = [json.loads(f.read_text()) for f in files]
     assert sorted(recorded_model(d) for d in docs) == sorted(str(c) for c in ckpts)
     assert {type(d["config"]["model_args"]) for d in docs} == {str, dict}  # both of lm-eval's spellings occur
@@ -89,7 +91,7 @@ def test_results_files_are_read_as_lm_eval_writes_them(harness):
 
 
 def test_fit_from_lm_eval_results(harness, tmp_path, capsys):
-    root, ckpts, files = harness
+    root, _ckpts, files = harness
     vec = tmp_path / "arith.safetensors"
     assert main(["fit", str(root / "store"), "--task", TASK, "--lmeval", str(root / "lm_eval_out"),
                  "--groups", r"re:^(run\w)/", "--out", str(vec)]) == 0
@@ -106,7 +108,7 @@ def test_fit_from_lm_eval_results(harness, tmp_path, capsys):
 
 
 def test_mapping_file_assigns_results_to_store_names(harness, tmp_path, capsys):
-    root, ckpts, files = harness
+    root, ckpts, _files = harness
     table = load_losses(root / "store")
     mapping = tmp_path / "map.csv"
     mapping.write_text("model,checkpoint\n" + "".join(f"{c},{c.parent.name}/{c.name}\n" for c in ckpts))
@@ -126,7 +128,7 @@ def _read(path):
 
 
 def test_bad_results_input_is_named(harness, tmp_path, capsys):
-    root, ckpts, files = harness
+    root, _ckpts, files = harness
     table = load_losses(root / "store")
     paths = [e["path"] for e in table.extra]
     with pytest.raises(ScoresError, match=r"no task 'hellaswag'; the file has tasks \['arith_mc'\]"):

@@ -24,7 +24,11 @@ def reference_losses(model, probe: ProbeSet) -> torch.Tensor:
 
 def mixed_probe(tokenizer, corpus) -> ProbeSet:
     texts = [corpus[3][:400], "x = 1", corpus[7][:1500], "Short one here.", corpus[11][:900]]
-    pairs = [("The keyword to define a function is", " def"), ("", "import sys"), ("Lists are" + " very" * 30, " mutable")]
+    pairs = [
+        ("The keyword to define a function is", " def"),
+        ("", "import sys"),
+        ("Lists are" + " very" * 30, " mutable"),
+    ]
     return ProbeSet.concat([
         ProbeSet.from_texts(texts, tokenizer, max_length=96),
         ProbeSet.from_pairs(pairs, tokenizer, max_length=48, score_context=True),
@@ -144,8 +148,11 @@ class TinyVocabLM(nn.Module):
     "build, match",
     [
         (lambda tok: tiny_gpt2(100), r"the probe has token id \d+, but the model's vocabulary has 100 entries"),
-        (lambda tok: tiny_gpt2(len(tok), n_positions=16),
-         r"sequences of up to \d+ tokens, but the model takes at most 16 positions; rebuild the probe with max_length <= 16"),
+        (
+            lambda tok: tiny_gpt2(len(tok), n_positions=16),
+            r"sequences of up to \d+ tokens, but the model takes at most 16 positions; rebuild the probe with "
+            r"max_length <= 16",
+        ),
         (lambda tok: TinyVocabLM(), r"logits cover a vocabulary of 10, but the probe has token id \d+"),
     ],
 )

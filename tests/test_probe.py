@@ -125,10 +125,10 @@ def test_corrupt_and_foreign_files(tmp_path, tokenizer):
     probe.save(path)
     data = path.read_bytes()
     (tmp_path / "trunc.safetensors").write_bytes(data[: len(data) // 2])
-    with pytest.raises(ValueError, match="not a readable .safetensors"):
+    with pytest.raises(ValueError, match=r"not a readable \.safetensors"):
         ProbeSet.load(tmp_path / "trunc.safetensors")
     (tmp_path / "text.safetensors").write_text("not a tensor file")
-    with pytest.raises(ValueError, match="not a readable .safetensors"):
+    with pytest.raises(ValueError, match=r"not a readable \.safetensors"):
         ProbeSet.load(tmp_path / "text.safetensors")
     with pytest.raises(FileNotFoundError):
         ProbeSet.load(tmp_path / "missing.safetensors")
@@ -155,7 +155,10 @@ def _parts(probe: ProbeSet) -> dict:
     "change, match",
     [
         (lambda p: {"input_ids": p["input_ids"] * 0 - 1}, "negative token id"),
-        (lambda p: {"input_ids": p["input_ids"].float() + 0.5}, "input_ids must be an integer tensor, got torch.float32"),
+        (
+            lambda p: {"input_ids": p["input_ids"].float() + 0.5},
+            "input_ids must be an integer tensor, got torch.float32",
+        ),
         (lambda p: {"input_ids": p["input_ids"].bool()}, "input_ids must be an integer tensor, got torch.bool"),
         (lambda p: {"offsets": p["offsets"].double()}, "offsets must be an integer tensor"),
         (lambda p: {"score_mask": p["score_mask"].long()}, "score_mask must be a bool tensor, got torch.int64"),
@@ -192,7 +195,9 @@ def test_malformed_probe_file_names_the_file(tmp_path, tokenizer, meta_change, t
     path = tmp_path / "bad.safetensors"
     save_file(tensors, str(path), metadata=meta)
     before = path.read_bytes()
-    with pytest.raises(ValueError, match=f"{re.escape(str(path))} is not a valid csv_callback probe file: .*{reason}.*; rebuild it"):
+    with pytest.raises(
+        ValueError, match=f"{re.escape(str(path))} is not a valid csv_callback probe file: .*{reason}.*; rebuild it"
+    ):
         ProbeSet.load(path)
     assert path.read_bytes() == before
 

@@ -19,12 +19,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from offline_helpers import subprocess_env
 from safetensors import safe_open
 
 from csv_callback import ProbeSet
 from csv_callback.files import atomic_save
 from csv_callback.store import LossStore, file_name, load_losses
-from offline_helpers import subprocess_env
 
 TIMEOUT = 120  # seconds; far above the few seconds each subprocess needs (mostly importing torch)
 
@@ -43,7 +43,9 @@ def run_python(code: str, *args: str, prefix: list[str] | None = None) -> subpro
         return subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, env=subprocess_env())
     except subprocess.TimeoutExpired as e:
         out = e.stdout.decode() if isinstance(e.stdout, bytes) else e.stdout
-        pytest.fail(f"python -c <code> {' '.join(args)} did not finish in {TIMEOUT} s (blocked?); its output so far: {out!r}")
+        pytest.fail(
+            f"python -c <code> {' '.join(args)} did not finish in {TIMEOUT} s (blocked?); its output so far: {out!r}"
+        )
 
 
 def test_fifos_and_other_non_regular_files_are_refused_without_being_opened(store, probe_file):
@@ -106,8 +108,11 @@ def test_opening_a_store_removes_temporary_files_of_dead_writers_only(store, tmp
         os.kill(os.getpid(), signal.SIGKILL)
     """
     dead = []
-    for directory, pattern in [(losses, ".step-2.safetensors.tmp-{host}-{pid}"), (losses, ".step-3.safetensors.tmp-{pid}"),
-                               (root, ".probe.safetensors.tmp-{host}-{pid}")]:
+    for directory, pattern in [
+        (losses, ".step-2.safetensors.tmp-{host}-{pid}"),
+        (losses, ".step-3.safetensors.tmp-{pid}"),
+        (root, ".probe.safetensors.tmp-{host}-{pid}"),
+    ]:
         proc = run_python(kill, str(directory / pattern))
         assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
         dead += [p for p in directory.iterdir() if ".tmp-" in p.name and p not in dead]
@@ -122,7 +127,7 @@ def test_opening_a_store_removes_temporary_files_of_dead_writers_only(store, tmp
     os.utime(old, (0, 0))
 
     reopened = LossStore(root)
-    assert [p for p in dead + [old] if p.exists()] == []
+    assert [p for p in [*dead, old] if p.exists()] == []
     assert all(p.exists() for p in live)
     assert reopened.fingerprint == store.fingerprint
     # load_losses cleans as well, and still reads every checkpoint.
@@ -248,7 +253,9 @@ def test_a_full_disk_says_so_names_the_file_and_leaves_no_temporary_file(tmp_pat
                               "(No space left on device); nothing of it was written and an earlier version of it, if "
                               "any, is intact. Free space on that filesystem")
     kind, _, message = out["create"]
-    assert kind == "ValueError" and f"cannot create the loss store {small / 'other'} (disk full: cannot write" in message
+    assert (
+        kind == "ValueError" and f"cannot create the loss store {small / 'other'} (disk full: cannot write" in message
+    )
     assert [f for f in out["files"] if ".tmp-" in f] == []
     assert out["names"] == ["step-0"]  # what was saved before stays readable
 

@@ -74,8 +74,11 @@ def test_a_corrupt_run_record_is_named(tmp_path, probe):
     LossStore(root, probe, run_id="run-a")
     for text in ["{not json", json.dumps({"format": "csv_callback.run/1", "run_id": 7}), "[]"]:
         (root / "run.json").write_text(text)
-        with pytest.raises(ValueError, match=rf"{root / 'run.json'} is not a readable record of the run that writes "
-                                             rf"{root} \(.+\); it is corrupt or not csv-callback's: use a new save_dir"):
+        with pytest.raises(
+            ValueError,
+            match=rf"{root / 'run.json'} is not a readable record of the run that writes "
+            rf"{root} \(.+\); it is corrupt or not csv-callback's: use a new save_dir",
+        ):
             LossStore(root, probe, run_id="run-a")
     with pytest.raises(ValueError, match=r"LossStore: run_id must be a non-empty str, got ''"):
         LossStore(root, probe, run_id="")

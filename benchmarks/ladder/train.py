@@ -36,12 +36,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import lightning.pytorch as pl  # noqa: E402
-from torch.utils.data import DataLoader, IterableDataset  # noqa: E402
+import lightning.pytorch as pl
+from torch.utils.data import DataLoader, IterableDataset
+from world import MAX_LENGTH, MIXTURES, Mixture, TaskScorer, World, results_document
 
-from csv_callback.callback import SalienceCallback  # noqa: E402
-from csv_callback.testing import tiny_gpt2  # noqa: E402
-from world import MAX_LENGTH, MIXTURES, Mixture, TaskScorer, World, results_document  # noqa: E402
+from csv_callback.callback import SalienceCallback
+from csv_callback.testing import tiny_gpt2
 
 # (n_layer, n_embd) per size; tiny_gpt2 uses 2 heads. The ladder is s1-s4; s5 (867k parameters) is trained only
 # when asked for (--sizes s5): its nine runs cost more CPU than the ladder's 36 together (BENCHMARKS.md, "A fifth
@@ -81,7 +81,9 @@ class LadderLM(pl.LightningModule):
     tokenizer against the probe, and stores the token count with the losses).
     """
 
-    def __init__(self, size: str, world: World, stream: torch.Tensor, val: torch.Tensor, steps: list[int], seed: int) -> None:
+    def __init__(
+        self, size: str, world: World, stream: torch.Tensor, val: torch.Tensor, steps: list[int], seed: int
+    ) -> None:
         super().__init__()
         n_layer, n_embd = SIZES[size]
         self.model = tiny_gpt2(len(world.tokenizer), n_positions=MAX_LENGTH, n_layer=n_layer, n_embd=n_embd, seed=seed)
@@ -139,7 +141,9 @@ class Score(pl.Callback):
                "probe_loss": float(metrics["csv/probe_mean_loss"]), **{t: v["acc"] for t, v in scores.items()},
                **{f"{t}_stderr": v["acc_stderr"] for t, v in scores.items()}}
         self.rows.append(row)
-        print("  " + "  ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()), flush=True)
+        print(
+            "  " + "  ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()), flush=True
+        )
 
 
 def train_run(world: World, scorer: TaskScorer, size: str, mixture: Mixture, out: Path, steps: int, seed: int) -> dict:
@@ -193,8 +197,11 @@ def main(argv: list[str] | None = None) -> None:
         ctx = multiprocessing.get_context("spawn")  # fresh workers: no forked torch/tokenizers thread state
         with ProcessPoolExecutor(args.jobs, ctx, initializer=_init_worker, initargs=(args.seed, args.threads)) as pool:
             infos = list(pool.map(_job, runs, *zip(*[(args.out, args.steps, args.seed)] * len(runs))))
-    print(f"ladder: {len(infos)} runs, {time.perf_counter() - total:.1f} s wall ({sum(i['seconds'] for i in infos):.1f} s "
-          f"summed over runs), {args.jobs} jobs x {args.threads} threads, load average {os.getloadavg()}")
+    print(
+        f"ladder: {len(infos)} runs, {time.perf_counter() - total:.1f} s wall "
+        f"({sum(i['seconds'] for i in infos):.1f} s "
+        f"summed over runs), {args.jobs} jobs x {args.threads} threads, load average {os.getloadavg()}"
+    )
 
 
 _WORKER: dict = {}  # this process's World and TaskScorer, built once per worker

@@ -183,7 +183,9 @@ class World:
         blocks: list[list[tuple[str, str]]] = []  # per block: (question, right answer) x N_CHOICES
         if task == "ladder_facts":
             keys = list(self.facts)
-            blocks = [[(f"# {k}", self.facts[k]) for k in keys[i : i + N_CHOICES]] for i in range(0, len(keys), N_CHOICES)]
+            blocks = [
+                [(f"# {k}", self.facts[k]) for k in keys[i : i + N_CHOICES]] for i in range(0, len(keys), N_CHOICES)
+            ]
         elif task == "ladder_arith":
             # One-digit blocks: four of the ten sums. Two-digit blocks: a0, a0 + 1, a0 + 10, a0 + 11 with even
             # tens and units digits (25 disjoint blocks), whose sums differ in the units digit, the tens digit, or
@@ -199,7 +201,7 @@ class World:
                 for right in letters:
                     # The context repeats a period of 2-3 of the block's letters, so the distractors include
                     # letters that are in it: copying any letter seen is not enough.
-                    period = [right] + rng.sample([c for c in letters if c != right], rng.randint(1, 2))
+                    period = [right, *rng.sample([c for c in letters if c != right], rng.randint(1, 2))]
                     rng.shuffle(period)
                     length = rng.randint(6, 9)
                     phase = (period.index(right) - length) % len(period)
@@ -247,7 +249,9 @@ class TaskScorer:
     def correct(self, model: torch.nn.Module, batch_size: int = 64) -> dict[str, np.ndarray]:
         """Per task, bool ``[n_questions]``: whether the highest-likelihood choice is the right one."""
         lls = self.loglikelihoods(model, batch_size)
-        return {t: np.array([np.argmax(row) == d["answer"] for row, d in zip(lls[t], self.docs[t])]) for t in self.tasks}
+        return {
+            t: np.array([np.argmax(row) == d["answer"] for row, d in zip(lls[t], self.docs[t])]) for t in self.tasks
+        }
 
     def __call__(self, model: torch.nn.Module, batch_size: int = 64) -> dict[str, dict[str, float]]:
         """Per task, lm-eval's ``acc`` (the share of questions answered right) and ``acc_stderr``."""
@@ -265,7 +269,9 @@ def results_document(scores: dict[str, dict[str, float]], model_name: str) -> di
     """An lm-eval-harness results document (the parts :mod:`csv_callback.lmeval` and users read) from
     :class:`TaskScorer`'s per-task ``{"acc", "acc_stderr"}``."""
     return {
-        "results": {t: {"alias": t, "acc,none": v["acc"], "acc_stderr,none": v["acc_stderr"]} for t, v in scores.items()},
+        "results": {
+            t: {"alias": t, "acc,none": v["acc"], "acc_stderr,none": v["acc_stderr"]} for t, v in scores.items()
+        },
         "model_name": model_name,
         "config": {"model": "ladder-fast-scorer", "model_args": {"pretrained": model_name}},
     }
