@@ -17,6 +17,13 @@ noise (lm-eval's ``acc_stderr`` squared averaged over the predicted checkpoints)
 checkpoints the vector flags as extrapolating (weighted loss outside the range seen in fitting, what
 ``SalienceCallback`` logs as ``csv/<task>/extrapolating``) with csv's MSE on the rest.
 
+And the empirical coverage and mean width of csv's prediction intervals at 80% and 95%
+(:meth:`~csv_callback.SalienceVector.predict_interval`), per cell and pooled over the tasks per protocol: in (a)
+each held-out mixture's interval is the split-conformal one from the held-out residuals of the other mixtures only
+(the fit's own folds; nothing of the mixture it covers); in (b) the vector fitted on the smaller sizes predicts the
+largest with the intervals it stores (residuals of its folds over the smaller sizes, widened outside its loss
+range). Intervals are computed after the fits, which they leave unchanged.
+
     PYTHONPATH=/work/main python benchmarks/ladder/evaluate.py [--data benchmarks/ladder/data]
 """
 
@@ -35,11 +42,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from csv_callback import ProbeSet, fit_salience  # noqa: E402
 from csv_callback.fit import fit_link  # noqa: E402
 from csv_callback.lmeval import scores_from_lmeval  # noqa: E402
+from csv_callback.salience import conformal_quantile  # noqa: E402
 from csv_callback.store import load_losses  # noqa: E402
 from train import SIZES  # noqa: E402
 from world import TASKS, World  # noqa: E402
 
 METHODS = ("csv", "uniform", "label")
+LEVELS = (0.8, 0.95)
 
 
 @dataclass
@@ -96,7 +105,16 @@ def leave_one_mixture_out(ladder: Ladder, task: str) -> dict:
     sv = fit_salience(ladder.losses, ladder.scores[task], groups=ladder.mixtures, probe=ladder.probe,
                       answer_mask=answer_mask(ladder, task), task=task)
     rep = sv.fit_report
-    return {"mse": rep["cv_mse"], "mae": rep["cv_mae"], "prior": rep["prior"],
+    pred, y, folds = np.asarray(rep["cv_pred"]["csv"]), ladder.scores[task], np.asarray(rep["folds"])
+    bands = {}
+    for level in LEVELS:
+        lo, hi = np.empty_like(pred), np.empty_like(pred)
+        for f in np.unique(folds):
+            held = folds == f
+            q = conformal_quantile(np.sort(np.abs(pred - y)[~held]), level)
+            lo[held], hi[held] = np.clip(pred[held] - q, *sv.score_range), np.clip(pred[held] + q, *sv.score_range)
+        bands[level] = (lo, hi)
+    return {"mse": rep["cv_mse"], "mae": rep["cv_mae"], "prior": rep["prior"], "interval": coverage(bands, y),
             "score_noise": float(np.mean(ladder.stderr[task] ** 2)),
             "pred": {k: np.asarray(v) for k, v in rep["cv_pred"].items()}, "actual": ladder.scores[task], "vector": sv}
 
@@ -111,13 +129,26 @@ def small_to_largest(ladder: Ladder, task: str) -> dict:
     # What SalienceCallback logs as csv/<task>/extrapolating: the weighted loss is outside the fitted range.
     flagged = np.asarray(sv.extrapolates(np.asarray(sv.weighted_loss(ladder.losses[test]))))
     in_range = float(np.mean((pred["csv"][~flagged] - y[test][~flagged]) ** 2))
+    bands = {level: sv.predict_interval(ladder.losses[test], level) for level in LEVELS}
     for name, L in baseline_losses(ladder, task).items():
         pred[name] = fit_link(L[~test], y[~test])(L[test])
     return {"mse": {k: float(np.mean((p - y[test]) ** 2)) for k, p in pred.items()},
             "mae": {k: float(np.mean(np.abs(p - y[test]))) for k, p in pred.items()},
             "pred": pred, "actual": y[test], "largest": largest, "prior": sv.fit_report["prior"],
+            "interval": coverage(bands, y[test]),
             "score_noise": float(np.mean(ladder.stderr[task][test] ** 2)),
             "extrapolating": {"flagged": int(flagged.sum()), "of": int(test.sum()), "csv_mse_in_range": in_range}}
+
+
+def coverage(bands: dict[float, tuple[np.ndarray, np.ndarray]], y: np.ndarray) -> dict[str, dict]:
+    """Per level: the share of scores ``y`` ``[m]`` inside their interval (``bands[level]``, lo and hi ``[m]``), the
+    mean width, and the counts behind the share (to pool cells)."""
+    out = {}
+    for level, (lo, hi) in bands.items():
+        inside = (y >= lo) & (y <= hi)
+        out[str(level)] = {"coverage": float(inside.mean()), "width": float(np.mean(hi - lo)),
+                           "covered": int(inside.sum()), "of": len(y)}
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -144,12 +175,25 @@ def main(argv: list[str] | None = None) -> None:
         for protocol, fn in (("leave-one-mixture-out", leave_one_mixture_out), ("small->largest", small_to_largest)):
             r = fn(ladder, task)
             results[task, protocol] = r
-            table[f"{task}/{protocol}"] = {k: r[k] for k in ("mse", "mae", "prior", "score_noise")}
+            table[f"{task}/{protocol}"] = {k: r[k] for k in ("mse", "mae", "prior", "score_noise", "interval")}
             print(f"{task:<16}{protocol:<24}" + "".join(f"{r['mse'][m]:>13.2e}{r['mae'][m]:>13.4f}" for m in METHODS))
+            print(f"{'':<16}{'':<24}csv intervals: " + ", ".join(
+                f"{float(lv):.0%} covers {c['coverage']:.2f} (mean width {c['width']:.3f})"
+                for lv, c in r["interval"].items()))
             if "extrapolating" in r:
                 table[f"{task}/{protocol}"]["extrapolating"] = x = r["extrapolating"]
                 print(f"{'':<16}{'':<24}csv flags {x['flagged']} of {x['of']} as extrapolating; "
                       f"csv MSE on the others {x['csv_mse_in_range']:.2e}")
+    for protocol in ("leave-one-mixture-out", "small->largest"):
+        cells = [results[task, protocol]["interval"] for task in TASKS]
+        pooled: dict[str, dict] = {}
+        table[f"pooled/{protocol}"] = {"interval": pooled}
+        for level in map(str, LEVELS):
+            covered, of = sum(c[level]["covered"] for c in cells), sum(c[level]["of"] for c in cells)
+            width = sum(c[level]["width"] * c[level]["of"] for c in cells) / of
+            pooled[level] = {"coverage": covered / of, "width": width, "covered": covered, "of": of}
+            print(f"pooled over tasks, {protocol}: {float(level):.0%} interval covers {covered / of:.3f} "
+                  f"({covered} of {of}), mean width {width:.3f}")
     if args.out:
         args.out.write_text(json.dumps(table, indent=1))
     if args.vectors:
