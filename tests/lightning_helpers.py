@@ -60,6 +60,8 @@ def plain_vector(probe: ProbeSet, task: str = "plumb", seed: int = 0) -> Salienc
     return SalienceVector(
         weights=w / w.sum(), link=SigmoidLink(lo=0.0, hi=1.0, k=1.5, L0=5.0), task=task, metric="acc",
         probe_fingerprint=probe.fingerprint, tokenizer_hash=probe.tokenizer_hash, loss_range=(4.0, 7.0),
+        # held-out residuals as fit_salience stores them, so that its prediction intervals are finite
+        fit_report={"interval": {"method": "split-conformal", "abs_residuals": [0.01 * i for i in range(1, 21)]}},
     )
 
 

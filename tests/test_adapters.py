@@ -43,7 +43,8 @@ def probe() -> ProbeSet:
 
 def names(prefix: str, tasks: list[str], mean_losses: list[str]) -> set[str]:
     """The metric names of one evaluation predicting ``tasks``, with the probe mean loss names ``mean_losses``."""
-    per_task = {f"{prefix}/{t}/{m}" for t in tasks for m in ("pred", "weighted_loss", "extrapolating")}
+    kinds = ("pred", "pred_lo", "pred_hi", "weighted_loss", "extrapolating")
+    per_task = {f"{prefix}/{t}/{m}" for t in tasks for m in kinds}
     return per_task | set(mean_losses) | {f"{prefix}/nonfinite_losses", f"{prefix}/eval_seconds"}
 
 
