@@ -25,7 +25,7 @@ import numpy as np
 
 from .fit import PRIORS
 from .probe import ProbeMismatchError, ProbeSet
-from .salience import SalienceVector
+from .salience import SalienceVector, check_level
 from .store import LossStore, LossTable, load_losses
 
 
@@ -136,7 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Predicted scores of every checkpoint in a loss store, for each vector.")
     s.add_argument("losses", help="loss store directory")
     s.add_argument("vectors", nargs="+", help="salience vector .safetensors files")
-    s.add_argument("--json", action="store_true", help="print JSON records instead of a table")
+    s.add_argument("--json", action="store_true", help="print JSON records instead of a table; each has the "
+                   "prediction interval at --level as pred_lo, pred_hi")
+    s.add_argument("--level", type=float, default=0.8,
+                   help="coverage of the interval in the JSON records, in (0, 1) (default 0.8)")
     s.set_defaults(func=cmd_predict)
 
     s = sub.add_parser("report", help="HTML page + PNGs: cross-validation, fitted link, token salience",
@@ -291,7 +294,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise ValueError(f"vector {twice[0]} is given twice; name each vector once.")
     vectors = {v: SalienceVector.load(v) for v in args.vectors}
     table = load_losses(args.losses)
-    records = predictions(table, vectors)
+    records = predictions(table, vectors, args.level)
     if args.json:
         print(json.dumps(records, indent=1))
         return 0
@@ -320,21 +323,30 @@ def _column_labels(vectors: dict[str, SalienceVector]) -> list[str]:
     return [t if tasks.count(t) == 1 else f"{t} ({path})" for t, path in zip(tasks, vectors)]
 
 
-def predictions(table: LossTable, vectors: dict[str, SalienceVector]) -> list[dict[str, Any]]:
-    """One record per (checkpoint, vector), checkpoint-major: predicted score, weighted loss and
-    ``extrapolating`` (the name of the callbacks' metric), for ``vectors`` keyed by their file."""
+def predictions(table: LossTable, vectors: dict[str, SalienceVector], level: float = 0.8) -> list[dict[str, Any]]:
+    """One record per (checkpoint, vector), checkpoint-major: predicted score, its interval at ``level``
+    (``pred_lo``, ``pred_hi``: :meth:`SalienceVector.interval`), weighted loss and ``extrapolating`` (the names of
+    the callbacks' metrics), for ``vectors`` keyed by their file."""
+    level = check_level(level, "--level")
     out = []
     per_vector = []
     for path, sv in vectors.items():
         wl = np.asarray(sv.weighted_loss(table.losses, table.fingerprint))
-        per_vector.append((path, sv, wl, np.asarray(sv.link(wl)), np.asarray(sv.extrapolates(wl))))
+        lo, hi = sv.interval(wl, level)
+        per_vector.append((path, sv, wl, np.asarray(sv.link(wl)), lo, hi, np.asarray(sv.extrapolates(wl))))
     for i, name in enumerate(table.names):
-        for path, sv, wl, pred, extra in per_vector:
+        for path, sv, wl, pred, lo, hi, extra in per_vector:
             out.append({"checkpoint": name, "step": int(table.steps[i]),
                         "tokens_seen": None if np.isnan(table.tokens_seen[i]) else float(table.tokens_seen[i]),
                         "vector": path, "task": sv.task, "metric": sv.metric, "pred": float(pred[i]),
-                        "weighted_loss": float(wl[i]), "extrapolating": bool(extra[i])})
+                        "pred_lo": _no_nan(lo[i]), "pred_hi": _no_nan(hi[i]), "weighted_loss": float(wl[i]),
+                        "extrapolating": bool(extra[i])})
     return out
+
+
+def _no_nan(x: float) -> float | None:
+    """``x``, or None (JSON null, not the non-standard NaN) for a vector without an interval."""
+    return None if np.isnan(x) else float(x)
 
 
 # ---------------------------------------------------------------------- report

@@ -8,12 +8,12 @@ import math
 import warnings
 from pathlib import Path
 
+import lightning_helpers as H
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
 
-import lightning_helpers as H
 from csv_callback import SalienceVector, SigmoidLink, fit_salience
 from csv_callback.callback import SalienceCallback
 from csv_callback.evaluator import SalienceEvaluator
@@ -146,11 +146,13 @@ def _old_files(tmp_path: Path) -> list[Path]:
 def test_vectors_saved_before_intervals_load_with_nan_and_one_warning(tmp_path):
     for path in _old_files(tmp_path):
         old = SalienceVector.load(path)
-        with pytest.warns(RuntimeWarning, match="stores no held-out residuals") as caught:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             lo, hi = old.predict_interval(np.full((3, 4), 2.0))
             old.predict_interval(np.full(4, 2.0), 0.95)
             old.interval(2.0)
-        assert len([w for w in caught if "residuals" in str(w.message)]) == 1
+        assert [(w.category, "stores no held-out residuals" in str(w.message)) for w in caught] == [
+            (RuntimeWarning, True)]
         assert np.isnan(lo).all() and np.isnan(hi).all() and lo.shape == (3,)
         assert old.predict(np.full(4, 2.0)) == pytest.approx(0.55)
 
@@ -220,3 +222,22 @@ def test_hf_trainer_adds_the_interval(tmp_path, model, tokenizer):
     pred, lo, hi = (metrics[f"eval_csv/t/{k}"] for k in ("pred", "pred_lo", "pred_hi"))
     assert (lo, hi) == pytest.approx(v.interval(metrics["eval_csv/t/weighted_loss"], 0.8))
     assert lo <= pred <= hi
+
+
+
+def test_cli_predict_prints_the_interval_in_json(store, probe, tmp_path, capsys):
+    """The conftest store: three checkpoints whose losses are all 1, 2 and 3; the vector was fitted on 1.5-2.5."""
+    from csv_callback.cli import main
+
+    v = SalienceVector(weights=np.full(probe.n_tokens, 1 / probe.n_tokens), link=SigmoidLink(0.2, 0.9, 2.0, 2.0),
+                       probe_fingerprint=probe.fingerprint, loss_range=(1.5, 2.5),
+                       fit_report={"interval": {"method": "split-conformal", "abs_residuals": [0.02] * 30}})
+    v.save(tmp_path / "v.safetensors")
+    args = ["predict", str(store.root), str(tmp_path / "v.safetensors")]
+    assert main([*args, "--json", "--level", "0.9"]) == 0
+    records = json.loads(capsys.readouterr().out)
+    lo, hi = v.interval(np.array([1.0, 2.0, 3.0]), 0.9)
+    assert [r["pred_lo"] for r in records] == pytest.approx(lo.tolist())
+    assert [r["pred_hi"] for r in records] == pytest.approx(hi.tolist())
+    assert main([*args, "--level", "1.5"]) == 2
+    assert "--level must be a number strictly between 0 and 1" in capsys.readouterr().err
