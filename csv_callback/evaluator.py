@@ -372,8 +372,11 @@ class SalienceEvaluator:
             wl = float(vector.weighted_loss(losses))
             pred, extrapolating = float(vector.link(wl)), bool(vector.extrapolates(wl))
             lo, hi = vector.interval(wl, self.interval_level)
+        # No interval (no stored residuals, or no losses) is None in the history: NaN is not JSON, and NaN != NaN
+        # would make a resumed run's rows differ from the ones it saved.
         row = {"name": name, "step": int(step), "task": vector.task, "pred": pred, "weighted_loss": wl,
-               "extrapolating": extrapolating, "pred_lo": lo, "pred_hi": hi}
+               "extrapolating": extrapolating, "pred_lo": None if math.isnan(lo) else lo,
+               "pred_hi": None if math.isnan(hi) else hi}
         # Only a training step evaluated again (a resumed run) replaces its row: other names are fresh.
         self.history = [r for r in self.history if (r["name"], r["task"]) != (name, vector.task)] + [row]
         base = f"{self.prefix}/{vector.task}"
@@ -535,14 +538,15 @@ class EvaluatorViews:
 
     @property
     def history(self) -> list[dict[str, Any]]:
-        """One row per (evaluation, task): name, step, task, pred, weighted_loss, extrapolating, pred_lo, pred_hi."""
+        """One row per (evaluation, task): name, step, task, pred, weighted_loss, extrapolating, pred_lo, pred_hi
+        (None where there is no interval)."""
         return self.evaluator.history
 
 
 def _legacy_row(row: dict[str, Any]) -> dict[str, Any]:
     """A saved history row in today's form: state version 1 had no names (every row was a training step), and
-    rows saved before intervals existed have none (NaN)."""
-    return {"name": f"step-{int(row['step']):09d}", "pred_lo": math.nan, "pred_hi": math.nan, **row}
+    rows saved before intervals existed have none (None)."""
+    return {"name": f"step-{int(row['step']):09d}", "pred_lo": None, "pred_hi": None, **row}
 
 
 def _out_of_memory(error: Exception) -> bool:

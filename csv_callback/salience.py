@@ -7,6 +7,10 @@ A vector records the range its scores can take (``score_range``): ``(a, b)`` for
 accuracy (``(0, 1)``), ``(-inf, inf)`` for an unbounded one. A bounded range bounds the link as the OLMo
 ladder's fit bounds an accuracy: ``hi`` in ``[a, b]`` and ``hi - lo`` at most ``b - a``, so no prediction
 exceeds ``b`` and none falls below ``2a - b``; a vector whose link breaks that is refused, whoever wrote it.
+
+A vector from :func:`~csv_callback.fit.fit_salience` also carries its cross-validation's held-out residuals
+(``fit_report["interval"]``), from which :meth:`SalienceVector.predict_interval` makes split-conformal
+prediction intervals.
 """
 
 from __future__ import annotations

@@ -241,3 +241,41 @@ def test_cli_predict_prints_the_interval_in_json(store, probe, tmp_path, capsys)
     assert [r["pred_hi"] for r in records] == pytest.approx(hi.tolist())
     assert main([*args, "--level", "1.5"]) == 2
     assert "--level must be a number strictly between 0 and 1" in capsys.readouterr().err
+
+
+def test_a_vector_without_residuals_logs_nan_metrics_and_none_in_the_history(tmp_path):
+    """Metrics stay floats (NaN) for the loggers; the history, saved in checkpoints as JSON, holds None; the W&B
+    table takes such rows next to ones with an interval."""
+    import os
+
+    import wandb
+
+    from csv_callback import wandb_view
+
+    probe = H.make_probe()
+    plain = H.plain_vector(probe, "with")
+    bare = SalienceVector(**{**plain.__dict__, "task": "without", "fit_report": {}})
+    evaluator = SalienceEvaluator([plain, bare], probe)
+    model = H.TinyLM().model
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in (1, 2):
+            metrics = evaluator.evaluate(model, step, training=True).metrics
+    assert len([w for w in caught if "stores no held-out residuals" in str(w.message)]) == 1
+    assert math.isnan(metrics["csv/without/pred_lo"]) and math.isnan(metrics["csv/without/pred_hi"])
+    assert metrics["csv/with/pred_lo"] < metrics["csv/with/pred"] < metrics["csv/with/pred_hi"]
+    rows = {(r["step"], r["task"]): r for r in evaluator.history}
+    assert rows[2, "without"]["pred_lo"] is None and rows[2, "with"]["pred_lo"] == metrics["csv/with/pred_lo"]
+    state = json.loads(json.dumps(evaluator.state_dict(), allow_nan=False))
+    again = SalienceEvaluator([plain, bare], probe)
+    again.load_state_dict(state)
+    assert again.history == evaluator.history
+    os.environ["WANDB_MODE"] = "offline"
+    run = wandb.init(dir=str(tmp_path), project="intervals")
+    try:
+        wandb_view.log_predictions_table(run, evaluator, step=2)
+    finally:
+        run.finish()
+    (table,) = Path(run.dir).glob("media/table/csv/predictions_*.table.json")
+    data = json.loads(table.read_text())["data"]
+    assert [(r[1], r[6] is None) for r in data] == [("with", False), ("without", True)] * 2
