@@ -10,6 +10,7 @@ before ``on_validation_end``, where ``EarlyStopping`` and ``ModelCheckpoint`` re
 
 from __future__ import annotations
 
+import functools
 import os
 from operator import attrgetter
 from typing import Any
@@ -111,7 +112,11 @@ class SalienceCallback(EvaluatorViews, Callback):
         wandb_extras: bool = True,
         interval_level: float = 0.8,
     ) -> None:
-        for name, attr in (("model_attr", model_attr), ("tokenizer_attr", tokenizer_attr), ("tokens_seen_attr", tokens_seen_attr)):
+        for name, attr in (
+            ("model_attr", model_attr),
+            ("tokenizer_attr", tokenizer_attr),
+            ("tokens_seen_attr", tokens_seen_attr),
+        ):
             if attr is not None and (not isinstance(attr, str) or not attr):
                 raise ValueError(f"SalienceCallback({name}=...) must be None or an attribute name, got {attr!r}.")
         self.evaluator = SalienceEvaluator(vectors, probe, batch_size, save_dir, prefix, owner=_OWNER,
@@ -141,7 +146,9 @@ class SalienceCallback(EvaluatorViews, Callback):
         if self._fn == TrainerFn.FITTING or not self.evaluator.started:
             self.evaluator.load_state_dict(state_dict)
 
-    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
         self._loaded_step = int(checkpoint.get("global_step", trainer.global_step))
         states = checkpoint.get("callbacks") or {}
         if self.state_key in states:
@@ -179,7 +186,7 @@ class SalienceCallback(EvaluatorViews, Callback):
             evaluation = self._evaluate(trainer, pl_module, training=True)
             for logger in trainer.loggers:
                 self._guarded(f"log the metrics of step {step} to {type(logger).__name__}",
-                              lambda: logger.log_metrics(evaluation.metrics, step=step))
+                              functools.partial(logger.log_metrics, evaluation.metrics, step=step))
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._check_model(pl_module)

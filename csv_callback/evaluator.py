@@ -23,6 +23,7 @@ an evaluation never replaces another one nor a training step's.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import time
@@ -324,12 +325,24 @@ class SalienceEvaluator:
                         f"{self.owner}: {int(bad)} of {probe.n_tokens} probe token losses are NaN/inf at step {step} "
                         "(has the model diverged?); the predictions are logged as NaN with extrapolating=1.0, these "
                         f"losses are not saved, and {self.prefix}/nonfinite_losses counts them. A training run goes "
-                        "on, though early stopping that monitors a prediction may stop it.", RuntimeWarning, stacklevel=2)
+                        "on, though early stopping that monitors a prediction may stop it.",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
             elif writer and probe.fingerprint in self._stores:
                 store = self._stores[probe.fingerprint]
-                self._guard(f"save the probe losses of {f'step {step}' if training else name} to {store.root}", training, lambda: store.write(
-                    name, losses, step=int(step), tokens_seen=tokens_seen,
-                    extra={**(extra or {}), **({"checkpoint": str(checkpoint)} if checkpoint else {})}))
+                self._guard(
+                    f"save the probe losses of {f'step {step}' if training else name} to {store.root}",
+                    training,
+                    functools.partial(
+                        store.write,
+                        name,
+                        losses,
+                        step=int(step),
+                        tokens_seen=tokens_seen,
+                        extra={**(extra or {}), **({"checkpoint": str(checkpoint)} if checkpoint else {})},
+                    ),
+                )
         metrics[f"{self.prefix}/nonfinite_losses"] = n_bad
         if name not in self.evaluated:
             self.evaluated.append(name)

@@ -166,11 +166,13 @@ def fit_salience(
             Pass ``(-inf, inf)`` for a metric whose scores happen to lie in [0, 1] but could leave it.
 
     Returns:
-        A :class:`SalienceVector`, with the score range it was fitted for, whose ``fit_report`` holds ``cv_mse`` and ``cv_mae`` for ``"csv"``,
+        A :class:`SalienceVector`, with the score range it was fitted for, whose ``fit_report`` holds
+        ``cv_mse`` and ``cv_mae`` for ``"csv"``,
         ``"uniform"`` (mean loss + link: loss averaging) and, with an answer mask, ``"label"`` (answer-token
         loss + link), all under the same folds, plus the chosen ``prior`` and ``lam`` and the held-out
         predictions, and (``interval``) csv's sorted absolute held-out residuals, from which
-        :meth:`SalienceVector.predict_interval` makes split-conformal intervals. The csv error is honest about those choices: fold f's predictions use the prior and
+        :meth:`SalienceVector.predict_interval` makes split-conformal intervals. The csv error is honest about
+        those choices: fold f's predictions use the prior and
         ``lam`` that did best on the other folds. Per checkpoint it also holds the score (``scores``), fold
         (``folds``), group label (``groups``, as str; None without groups) and the vector's weighted loss
         (``weighted_loss``): what a report needs to redraw the fit.

@@ -169,7 +169,11 @@ class SalienceTrainerCallback(EvaluatorViews, TrainerCallback, ExportableState):
     def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):
         # Normally on_log has filled ``metrics`` already; this covers trainers that evaluate without logging.
         prefix = _eval_prefix(metrics)
-        if prefix is not None and model is not None and f"{prefix}_{self.evaluator.prefix}/nonfinite_losses" not in metrics:
+        if (
+            prefix is not None
+            and model is not None
+            and f"{prefix}_{self.evaluator.prefix}/nonfinite_losses" not in metrics
+        ):
             metrics.update(self._metrics(model, state, prefix))
 
     # ------------------------------------------------------------------ W&B extras

@@ -363,7 +363,7 @@ class SalienceVector:
         atomic_save({"weights": torch.from_numpy(self.weights)}, {"format": FORMAT, "json": json.dumps(meta)}, path)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "SalienceVector":
+    def load(cls, path: str | os.PathLike) -> SalienceVector:
         """Read a vector written by :meth:`save`, or by a version that wrote format 1 (no ``score_range``).
 
         Raises FileNotFoundError for a missing file and ValueError naming the file for anything else: not a

@@ -26,13 +26,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import lightning.pytorch as pl  # noqa: E402
-import lightning_helpers as H  # noqa: E402  (puts the repository on sys.path, sets W&B offline)
-from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
+import lightning.pytorch as pl
+import lightning_helpers as H
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from csv_callback import ProbeSet  # noqa: E402
-from csv_callback.callback import SalienceCallback  # noqa: E402
-from csv_callback.hf import SalienceTrainerCallback  # noqa: E402
+from csv_callback import ProbeSet
+from csv_callback.callback import SalienceCallback
+from csv_callback.hf import SalienceTrainerCallback
 
 EVAL_EVERY = 2
 
@@ -158,7 +158,7 @@ class LightningDriver(Driver):
             def on_train_batch_end(self, trainer, pl_module, *args):
                 poison(pl_module.model, trainer.global_step)
 
-        kw = dict(strategy="ddp", devices=2, logger=False) if ddp else {}
+        kw = {"strategy": "ddp", "devices": 2, "logger": False} if ddp else {}
         t = H.trainer(tmp, [callback, Record()], max_steps=steps, val_every=EVAL_EVERY, enable_checkpointing=False,
                       **kw)
         try:

@@ -7,6 +7,7 @@ happen in another process: DDP with 2 CPU ranks, and a run on a deliberately tin
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -22,10 +23,10 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import lightning.pytorch as pl  # noqa: E402
+import lightning.pytorch as pl
 
-from csv_callback import ProbeSet, SalienceVector, SigmoidLink, fit_salience, token_losses  # noqa: E402
-from csv_callback.testing import pydoc_corpus, tiny_gpt2, train_tokenizer  # noqa: E402
+from csv_callback import ProbeSet, SalienceVector, SigmoidLink, fit_salience, token_losses
+from csv_callback.testing import pydoc_corpus, tiny_gpt2, train_tokenizer
 
 BLOCK = 32
 
@@ -128,11 +129,21 @@ def trainer(tmp: Path, callbacks: list, max_steps: int = 8, val_every: int = 2, 
     """A CPU trainer validating every ``val_every`` steps, with a CSVLogger under ``tmp`` unless given."""
     if logger is None:
         logger = pl.loggers.CSVLogger(str(tmp), name="csv", version=0)
-    args = dict(
-        max_steps=max_steps, val_check_interval=val_every, check_val_every_n_epoch=None, limit_val_batches=1,
-        accelerator="cpu", devices=1, logger=logger, callbacks=callbacks, enable_progress_bar=False,
-        enable_model_summary=False, num_sanity_val_steps=1, default_root_dir=str(tmp), deterministic=True,
-    )
+    args = {
+        "max_steps": max_steps,
+        "val_check_interval": val_every,
+        "check_val_every_n_epoch": None,
+        "limit_val_batches": 1,
+        "accelerator": "cpu",
+        "devices": 1,
+        "logger": logger,
+        "callbacks": callbacks,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "num_sanity_val_steps": 1,
+        "default_root_dir": str(tmp),
+        "deterministic": True,
+    }
     args.update(kw)
     return pl.Trainer(**args)
 
@@ -188,7 +199,9 @@ def _ddp_run(out: Path) -> None:
         def on_validation_end(self, trainer, pl_module):
             if trainer.sanity_checking:
                 return
-            row = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("csv/") and "seconds" not in k}
+            row = {
+                k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("csv/") and "seconds" not in k
+            }
             with open(out / f"rank{trainer.global_rank}.jsonl", "a") as f:
                 f.write(json.dumps({"step": trainer.global_step, **row}) + "\n")
 
@@ -227,10 +240,8 @@ def _fault_run(out: Path, small: Path) -> None:
     media = Path(logger.experiment.dir) / "media"
     media.mkdir(parents=True, exist_ok=True)
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4k", "tmpfs", str(media)], check=True)
-    try:
+    with contextlib.suppress(OSError):  # the tmpfs is full after this
         (media / "filler").write_bytes(b"x" * 8192)
-    except OSError:  # the tmpfs is now full
-        pass
     train, val = loaders()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

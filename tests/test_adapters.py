@@ -10,6 +10,7 @@ import json
 import math
 import subprocess
 
+import lightning_helpers as H
 import numpy as np
 import pytest
 import torch
@@ -17,7 +18,6 @@ from adapter_drivers import DRIVERS, ProbeForwards, ddp_command, ddp_probes, two
 from offline_helpers import one_torch_thread, subprocess_env
 from safetensors.torch import load_model
 
-import lightning_helpers as H
 from csv_callback import ProbeMismatchError, ProbeSet, RunMismatchError, SalienceVector, token_losses
 from csv_callback.store import LossStore, load_losses
 from csv_callback.testing import tiny_gpt2

@@ -10,13 +10,13 @@ import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
+import lightning_helpers as H
 import numpy as np
 import pytest
 import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
-import lightning_helpers as H
 from csv_callback import ProbeMismatchError, ProbeSet, token_losses
 from csv_callback.callback import SalienceCallback
 from csv_callback.store import LossStore, load_losses
@@ -202,7 +202,9 @@ def test_several_probes_one_forward_each(probe, tmp_path):
     t = H.trainer(tmp_path, [cb], max_steps=2)
     t.fit(module, *H.loaders())
     for v, p in zip(vectors, (probe, probe, small)):
-        assert float(t.callback_metrics[f"csv/{v.task}/pred"]) == pytest.approx(v.predict(token_losses(module, p)), abs=1e-6)
+        assert float(t.callback_metrics[f"csv/{v.task}/pred"]) == pytest.approx(
+            v.predict(token_losses(module, p)), abs=1e-6
+        )
         assert f"csv/{p.fingerprint}/probe_mean_loss" in t.callback_metrics
         assert load_losses(tmp_path / "store" / p.fingerprint).losses.shape == (1, p.n_tokens)
 

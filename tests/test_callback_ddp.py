@@ -6,10 +6,10 @@ import json
 import subprocess
 import sys
 
+import lightning_helpers as H
 import pytest
 from safetensors.torch import load_model
 
-import lightning_helpers as H
 from csv_callback import ProbeSet, SalienceVector, token_losses
 from csv_callback.store import load_losses
 from csv_callback.testing import tiny_gpt2

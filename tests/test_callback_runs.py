@@ -9,13 +9,13 @@ import textwrap
 from pathlib import Path
 
 import lightning.pytorch as pl
+import lightning_helpers as H
 import numpy as np
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
-import lightning_helpers as H
 from csv_callback import RunMismatchError
 from csv_callback.callback import SalienceCallback
 from csv_callback.store import load_losses
@@ -168,7 +168,7 @@ class HungryLM(H.TinyLM):
 def test_running_out_of_memory_in_the_check_before_training_says_so(probe, tmp_path):
     assert int(probe.lengths.max()) > H.BLOCK
     t = H.trainer(tmp_path, [SalienceCallback(H.plain_vector(probe), probe)])
-    with pytest.raises(ValueError, match="ran out of memory.*This is not a context or vocabulary problem"):
+    with pytest.raises(ValueError, match=r"ran out of memory.*This is not a context or vocabulary problem"):
         t.fit(HungryLM(), *H.loaders())
 
 

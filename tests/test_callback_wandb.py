@@ -7,10 +7,10 @@ import re
 import subprocess
 from pathlib import Path
 
+import lightning_helpers as H
 import pytest
 from lightning.pytorch.loggers import WandbLogger
 
-import lightning_helpers as H
 from csv_callback.callback import SalienceCallback
 
 

@@ -147,7 +147,7 @@ def test_a_path_does_not_depend_on_the_paths_solved_with_it(ladder):
     train = ladder.groups != ladder.groups[0]
     for prior, other in ((uniform, answer), (answer, uniform)):
         others = [(np.ones(len(y), bool), other), (~train, prior), (train, other)]
-        together = _fit_paths(X, centred, y, [(train, prior)] + others, _LAMBDA_GRID[:3], FRACTION, None)[0]
+        together = _fit_paths(X, centred, y, [(train, prior), *others], _LAMBDA_GRID[:3], FRACTION, None)[0]
         alone = _fit_paths(X, centred, y, [(train, prior)], _LAMBDA_GRID[:3], FRACTION, None)[0]
         for a, b in zip(together, alone):
             assert np.array_equal(a.coef, b.coef) and np.array_equal(a.loss, b.loss) and a.link == b.link
@@ -233,7 +233,7 @@ def test_anchor_pins_the_top_of_the_link_when_no_checkpoint_comes_near_it(ladder
     salient_loss = ladder.losses[:, ladder.salient].mean(1, dtype=np.float64)
     y = 0.25 + 0.75 * expit(-3.0 * (salient_loss - 2.6))
     low = y < 0.6
-    kw = dict(groups=ladder.groups[low], answer_mask=ladder.salient)
+    kw = {"groups": ladder.groups[low], "answer_mask": ladder.salient}
     free = fit_salience(ladder.losses[low], y[low], **kw)
     pinned = fit_salience(ladder.losses[low], y[low], anchor=(0.0, 1.0), **kw)
     assert free.fit_report["anchor"] is None and pinned.fit_report["anchor"] == [0.0, 1.0]
@@ -287,7 +287,10 @@ TWELVE_GROUPS = [f"g{i % 12}" for i in range(48)]  # > 10 groups: n_folds folds 
         ({"metric": None}, "metric must be a non-empty str"),
         ({"priors": 5}, "priors must be"),
         ({"groups": "mix"}, "groups is a single str 'mix'; pass one label per checkpoint"),
-        ({"groups": ["big"] * 47 + ["small"]}, r"holds out 47 of the 48 checkpoints \(group\(s\) \['big'\]\), leaving 1"),
+        (
+            {"groups": ["big"] * 47 + ["small"]},
+            r"holds out 47 of the 48 checkpoints \(group\(s\) \['big'\]\), leaving 1",
+        ),
         ({"probe": "probe.safetensors"}, "probe must be a ProbeSet, got str"),
     ],
 )
@@ -365,7 +368,10 @@ def test_declared_score_range_bounds_the_link_and_is_recorded(ladder):
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"score_range": (0, 0.5)}, r"score_range=\(0, 0.5\) needs scores in \[0, 0.5\], got range .*score_range=\(lo, hi\)"),
+        (
+            {"score_range": (0, 0.5)},
+            r"score_range=\(0, 0.5\) needs scores in \[0, 0.5\], got range .*score_range=\(lo, hi\)",
+        ),
         ({"score_range": (0, math.inf)}, "a half-bounded range bounds no link"),
         ({"score_range": (1, 0)}, r"score_range must be \(lo, hi\) with finite lo < hi"),
         ({"score_range": (math.nan, 1)}, "finite lo < hi"),

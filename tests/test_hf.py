@@ -298,7 +298,7 @@ def test_save_failing_mid_run_warns_and_training_continues(tmp_path, model, toke
     assert len(preds) == 3 and np.isfinite(preds).all()
 
 
-# ---------------------------------------------------------------------- what is evaluated, and which run writes save_dir
+# ------------------------------------------------------------------ what is evaluated, and which run writes save_dir
 def _preds(trainer) -> dict[int, float]:
     return {h["step"]: h[f"eval_csv/{TASK}/pred"] for h in trainer.state.log_history if "eval_loss" in h}
 

@@ -249,7 +249,6 @@ def test_a_vector_without_residuals_logs_nan_metrics_and_none_in_the_history(tmp
     import os
 
     import wandb
-
     from csv_callback import wandb_view
 
     probe = H.make_probe()

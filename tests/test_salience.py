@@ -68,7 +68,9 @@ def test_mismatched_probe_is_rejected(tokenizer):
         sv.predict(np.ones(probe.n_tokens + 1))
     with pytest.raises(ProbeMismatchError, match="compute the losses on the vector's own probe"):
         sv.predict(np.ones(probe.n_tokens), fingerprint=probe.fingerprint)
-    SalienceVector(**{**make_vector(n=probe.n_tokens).__dict__, "probe_fingerprint": probe.fingerprint}).check_probe(probe)
+    SalienceVector(**{**make_vector(n=probe.n_tokens).__dict__, "probe_fingerprint": probe.fingerprint}).check_probe(
+        probe
+    )
 
 
 @pytest.mark.parametrize(
@@ -100,23 +102,24 @@ def test_bad_losses(losses, match):
 def test_bad_vectors(kwargs, match):
     links = {"k0": lambda: SigmoidLink(0.2, 0.8, 0.0, 1.0), "hi<lo": lambda: SigmoidLink(0.8, 0.2, 1.0, 1.0),
              "str": lambda: SigmoidLink("a", 1.0, 1.0, 1.0), "bool": lambda: SigmoidLink(0.0, True, 1.0, 1.0)}
+    if "link" in kwargs:
+        build = links[kwargs["link"]]
+    else:
+        build = lambda: SalienceVector(weights=kwargs["weights"], link=SigmoidLink(0.2, 0.8, 1.0, 1.0))  # noqa: E731
     with pytest.raises(ValueError, match=match):
-        if "link" in kwargs:
-            links[kwargs["link"]]()
-        else:
-            SalienceVector(weights=kwargs["weights"], link=SigmoidLink(0.2, 0.8, 1.0, 1.0))
+        build()
 
 
 def test_corrupt_files(tmp_path, tokenizer):
     make_vector().save(tmp_path / "v.safetensors")
     data = (tmp_path / "v.safetensors").read_bytes()
     (tmp_path / "cut.safetensors").write_bytes(data[:-7])
-    with pytest.raises(ValueError, match="not a readable .safetensors"):
+    with pytest.raises(ValueError, match=r"not a readable \.safetensors"):
         SalienceVector.load(tmp_path / "cut.safetensors")
     ProbeSet.from_texts(["a probe, not a vector"], tokenizer, 64).save(tmp_path / "probe.safetensors")
-    with pytest.raises(ValueError, match="not a 'csv_callback.salience/2' file"):
+    with pytest.raises(ValueError, match=r"not a 'csv_callback\.salience/2' file"):
         SalienceVector.load(tmp_path / "probe.safetensors")
-    with pytest.raises(ValueError, match="not a 'csv_callback.probe/1' file"):
+    with pytest.raises(ValueError, match=r"not a 'csv_callback\.probe/1' file"):
         ProbeSet.load(tmp_path / "v.safetensors")
 
 
@@ -186,7 +189,9 @@ def _variant(tmp_path, name, meta_json=None, raw_json=None, weights=None, drop_j
 def test_malformed_vector_file_names_the_file(tmp_path, variant, reason):
     path = _variant(tmp_path, "bad.safetensors", **variant)
     before = path.read_bytes()
-    pattern = f"{re.escape(str(path))} is not a valid csv_callback salience vector file: .*{reason}.*; re-fit or re-save it"
+    pattern = (
+        f"{re.escape(str(path))} is not a valid csv_callback salience vector file: .*{reason}.*; re-fit or re-save it"
+    )
     with pytest.raises(ValueError, match=pattern):
         SalienceVector.load(path)
     assert path.read_bytes() == before  # loading never rewrites

@@ -39,13 +39,14 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from csv_callback import ProbeSet, fit_salience  # noqa: E402
-from csv_callback.fit import fit_link  # noqa: E402
-from csv_callback.lmeval import scores_from_lmeval  # noqa: E402
-from csv_callback.salience import conformal_quantile  # noqa: E402
-from csv_callback.store import load_losses  # noqa: E402
-from train import SIZES  # noqa: E402
-from world import TASKS, World  # noqa: E402
+from train import SIZES
+from world import TASKS, World
+
+from csv_callback import ProbeSet, fit_salience
+from csv_callback.fit import fit_link
+from csv_callback.lmeval import scores_from_lmeval
+from csv_callback.salience import conformal_quantile
+from csv_callback.store import load_losses
 
 METHODS = ("csv", "uniform", "label")
 LEVELS = (0.8, 0.95)
@@ -79,7 +80,10 @@ def load_ladder(data: Path, mixtures: list[str] | None = None) -> Ladder:
         table = load_losses(run_dir / "losses", fingerprint=probe.fingerprint)
         for task in TASKS:
             for metric, out in (("acc", scores), ("acc_stderr", stderr)):
-                got = {s.checkpoint: s.value for s in scores_from_lmeval([run_dir / "lmeval"], task, table.names, metric=metric)}
+                got = {
+                    s.checkpoint: s.value
+                    for s in scores_from_lmeval([run_dir / "lmeval"], task, table.names, metric=metric)
+                }
                 out[task] += [got[name] for name in table.names]
         losses.append(table.losses)
         sizes += [info["size"]] * len(table.names)
@@ -98,7 +102,10 @@ def answer_mask(ladder: Ladder, task: str) -> np.ndarray:
 def baseline_losses(ladder: Ladder, task: str) -> dict[str, np.ndarray]:
     """``[m]`` per baseline: the mean probe loss ("uniform") and the task's answer tokens' mean loss ("label")."""
     answer = answer_mask(ladder, task)
-    return {"uniform": ladder.losses.mean(1, dtype=np.float64), "label": ladder.losses[:, answer].mean(1, dtype=np.float64)}
+    return {
+        "uniform": ladder.losses.mean(1, dtype=np.float64),
+        "label": ladder.losses[:, answer].mean(1, dtype=np.float64),
+    }
 
 
 def leave_one_mixture_out(ladder: Ladder, task: str) -> dict:
@@ -161,8 +168,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="save each task's vector fitted on every checkpoint, and the probe, in this directory")
     args = parser.parse_args(argv)
     ladder = load_ladder(args.data, args.mixtures)
-    print(f"{len(ladder.steps)} checkpoints, sizes {sorted(set(ladder.sizes))}, mixtures {sorted(set(ladder.mixtures))}, "
-          f"probe {ladder.probe.n_tokens} tokens")
+    print(
+        f"{len(ladder.steps)} checkpoints, sizes {sorted(set(ladder.sizes))}, mixtures {sorted(set(ladder.mixtures))}, "
+        f"probe {ladder.probe.n_tokens} tokens"
+    )
     for task in TASKS:
         y = ladder.scores[task]
         # A score is one draw of questions: a perfect predictor of the model's expected accuracy would still
