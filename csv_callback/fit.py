@@ -118,6 +118,10 @@ def _link_starts(L: np.ndarray, y: np.ndarray, rng: tuple[float, float]) -> list
     return [data, SigmoidLink(chance, b, 3.0, 0.9)]
 
 
+# The options of fit_salience beyond the data, which fit_store.fit_from_store passes through.
+FIT_OPTIONS = ("n_folds", "seed", "priors", "anchor", "score_range")
+
+
 def fit_salience(
     losses: Any,
     scores: Any,

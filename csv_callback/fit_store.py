@@ -12,11 +12,12 @@ import re
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from ._checks import require_str
-from .fit import fit_salience
+from .fit import FIT_OPTIONS, fit_salience
 from .lmeval import read_mapping, scores_from_csv, scores_from_lmeval
 from .salience import SalienceVector
 from .store import LossStore, load_losses
@@ -32,11 +33,7 @@ def fit_from_store(
     mapping: str | os.PathLike | None = None,
     score_column: str = "score",
     groups: str | None = None,
-    n_folds: int | None = None,
-    seed: int = 0,
-    priors: Sequence[str] | None = None,
-    anchor: tuple[float, float] | None = None,
-    score_range: tuple[float, float] | None = None,
+    **fit_options: Any,
 ) -> SalienceVector:
     """Fit a vector for ``task`` on the stored checkpoints that have a score.
 
@@ -55,7 +52,8 @@ def fit_from_store(
         groups: the held-out unit of cross-validation: ``"re:REGEX"`` (the first capture group, or the whole
             match, of each checkpoint's name) or ``"col:NAME"`` (a column of ``scores``). None: random folds
             over checkpoints.
-        n_folds, seed, priors, anchor, score_range: as for :func:`~csv_callback.fit.fit_salience`.
+        fit_options: ``n_folds``, ``seed``, ``priors``, ``anchor``, ``score_range``, passed to
+            :func:`~csv_callback.fit.fit_salience` (which validates them).
 
     Returns:
         The vector, whose ``fit_report`` also names each fitted checkpoint (``checkpoints``) and where its score
@@ -67,6 +65,10 @@ def fit_from_store(
     refuse.
     """
     require_str(task, "task")
+    unknown = sorted(set(fit_options) - set(FIT_OPTIONS))
+    if unknown:  # before any file is read
+        raise TypeError(f"fit_from_store got unknown option(s) {unknown}; it passes only {list(FIT_OPTIONS)} to "
+                        "fit_salience.")
     roots = [Path(stores)] if isinstance(stores, (str, os.PathLike)) else [Path(s) for s in stores]
     if not roots:
         raise ValueError("fit_from_store needs at least one loss store directory.")
@@ -104,8 +106,7 @@ def fit_from_store(
     names = [table.names[i] for i in keep]
     labels = None if rule is None else _groups(rule, names, rows)
     sv = fit_salience(X, np.array([by_name[n].value for n in names]), groups=labels, probe=probe, task=task,
-                      metric=metric, n_folds=n_folds, seed=seed, priors=priors, anchor=anchor,
-                      score_range=score_range)
+                      metric=metric, **fit_options)
     sv.fit_report.update(checkpoints=names, score_sources=[by_name[n].source for n in names])
     return sv
 

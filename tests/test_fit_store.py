@@ -108,3 +108,8 @@ def test_stores_and_scores_that_do_not_fit_together(runs, tmp_path, tokenizer):
         fit_from_store([*stores, tmp_path / "other"], "t", scores=csv)
     with pytest.raises(ValueError, match="groups 'col:NAME' reads a column of the scores CSV"):
         fit_from_store(stores, "t", lmeval=tmp_path / "no_results_needed", groups="col:mix")
+
+
+def test_an_unknown_fit_option_is_refused_before_any_file_is_read(tmp_path):
+    with pytest.raises(TypeError, match=r"unknown option\(s\) \['folds'\]; it passes only \['n_folds', "):
+        fit_from_store(tmp_path / "no-such-store", "t", scores=tmp_path / "no-such.csv", folds=3)
