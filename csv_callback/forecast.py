@@ -183,6 +183,9 @@ def forecast_score(
         level: the interval's coverage, in (0, 1).
         prior: a :func:`trajectory_prior` dict, overriding the vector's.
 
+    A vector without stored residuals has no link interval: ``lo`` and ``hi`` are then NaN (warned once per vector,
+    as :meth:`~csv_callback.SalienceVector.interval` does), ``pred`` is still the forecast.
+
     Without a prior the own trend alone forecasts, and its uncertainty is taken to be as large as the move it
     forecasts past the last validation (a power law fitted early misses a decaying schedule's late drop by
     that order). See the module docstring for the combination.
@@ -233,20 +236,20 @@ def forecast_score(
 def _check_prior(prior: Any) -> None:
     """Raise ValueError unless ``prior`` has the shape :func:`trajectory_prior` returns."""
     fix = "build it with trajectory_prior(vector, losses, steps, groups, end_steps)"
-    ok = isinstance(prior, dict) and isinstance(prior.get("runs"), list) and isinstance(prior.get("calibration"), dict)
-    if ok:
-        for run in prior["runs"]:
-            if not (isinstance(run, dict) and len(run.get("position", [])) == len(run.get("weighted_loss", [])) >= 2):
-                ok = False
-                break
+    try:
+        runs, cal = prior["runs"], prior["calibration"]
+        ok = isinstance(runs, list) and len(runs) >= 1
+        for run in runs:
             p = np.asarray(run["position"], dtype=np.float64)
-            if not (np.isfinite(p).all() and np.isfinite(run["weighted_loss"]).all() and p[0] > 0
-                    and (np.diff(p) > 0).all() and p[-1] == 1.0):
-                ok = False
-                break
-        cal = prior["calibration"]
-        keys = ("position", "trend_sq_error", "prior_sq_error")
-        ok = ok and all(isinstance(cal.get(k), list) for k in keys) and len({len(cal[k]) for k in keys}) == 1
+            lv = np.asarray(run["weighted_loss"], dtype=np.float64)
+            ok = ok and p.ndim == 1 and p.shape == lv.shape and len(p) >= 2 and bool(np.isfinite(p).all())
+            ok = ok and bool(np.isfinite(lv).all()) and p[0] > 0 and bool((np.diff(p) > 0).all()) and p[-1] == 1.0
+        cols = [np.asarray(cal[k], dtype=np.float64) for k in ("position", "trend_sq_error", "prior_sq_error")]
+        ok = ok and all(c.ndim == 1 and c.shape == cols[0].shape and np.isfinite(c).all() for c in cols)
+        ok = ok and bool((cols[0] > 0).all() and (cols[1] >= 0).all() and (cols[2] >= 0).all())
+    except (TypeError, KeyError, IndexError, ValueError):  # not a dict, a missing key, a non-number
+        ok = False
     if not ok:
-        raise ValueError(f"trajectory prior must be a dict of 'runs' (each 'position' x / x_end increasing to 1 and "
-                         f"'weighted_loss', >= 2 finite numbers each) and 'calibration'; {fix}.")
+        raise ValueError(f"trajectory prior must be a dict of 'runs' (each 'position' x / x_end positive, increasing "
+                         f"to 1, and 'weighted_loss', >= 2 finite numbers each) and 'calibration' (lists 'position', "
+                         f"'trend_sq_error', 'prior_sq_error' of finite numbers); {fix}.")

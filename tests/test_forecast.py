@@ -135,6 +135,22 @@ def test_forecast_validates_vector_level_and_prior():
         forecast_score(STEPS[:4], truth[:4], END, vector(), level=1.0)
     with pytest.raises(ValueError, match="trajectory prior"):
         forecast_score(STEPS[:4], truth[:4], END, vector(), prior={"runs": [{"position": [0.5, 0.9]}]})
+    good = trajectory_prior(vector(), *fitting_runs())
+    for broken in ({**good, "calibration": {**good["calibration"], "trend_sq_error": ["a"] * 30}},
+                   {**good, "runs": [{"position": [0.5, 0.9], "weighted_loss": [3.0, 2.0]}]},  # does not end at 1
+                   {**good, "runs": [{"position": [0.5, 1.0], "weighted_loss": [3.0, math.nan]}]}, "prior"):
+        with pytest.raises(ValueError, match="trajectory prior"):
+            forecast_score(STEPS[:4], truth[:4], END, vector(), prior=broken)
+        with pytest.raises(ValueError, match="trajectory prior"):
+            with_prior(vector(), broken)
+
+
+def test_a_vector_without_residuals_forecasts_with_nan_bounds():
+    sv = SalienceVector(np.array([0.5, 0.5]), SigmoidLink(0.0, 1.0, 3.0, 2.5))
+    truth = trajectory(1.0)
+    with pytest.warns(RuntimeWarning, match="no held-out residuals"):
+        pred, lo, hi = forecast_score(STEPS[:6], truth[:6], END, sv, 0.8, trajectory_prior(sv, *fitting_runs()))
+    assert math.isfinite(pred) and math.isnan(lo) and math.isnan(hi)
 
 
 def test_trajectory_prior_validates_its_runs():
