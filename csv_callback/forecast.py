@@ -46,7 +46,7 @@ _KERNEL_WIDTH = 0.5
 _ALPHA_BOUNDS = (0.02, 3.0)
 
 
-def trend_forecast(x: np.ndarray, wl: np.ndarray, x_end: float) -> float:
+def _trend_forecast(x: np.ndarray, wl: np.ndarray, x_end: float) -> float:
     """The saturating power law ``E + A * x**-alpha`` least-squares fitted to ``wl`` ``[n]`` at ``x`` ``[n]``
     (``n >= MIN_POINTS``, validated by the caller), evaluated at ``x_end``; ``E`` in ``[0, min(wl)]``, ``A >= 0``."""
     scale = x[-1]
@@ -157,7 +157,7 @@ def trajectory_prior(vector: SalienceVector, losses: Any, steps: Any, groups: An
             if not len(drops):
                 continue
             cal["position"].append(float(pos[k - 1]))
-            cal["trend_sq_error"].append(float((trend_forecast(pos[:k], lv[:k], 1.0) - lv[-1]) ** 2))
+            cal["trend_sq_error"].append(float((_trend_forecast(pos[:k], lv[:k], 1.0) - lv[-1]) ** 2))
             cal["prior_sq_error"].append(float((lv[k - 1] - np.median(drops) - lv[-1]) ** 2))
     return {"runs": runs, "calibration": cal}
 
@@ -195,7 +195,7 @@ def forecast_score(
         raise ValueError(f"vector must be a SalienceVector, got {type(vector).__name__}.")
     level = check_level(level)
     prior = vector.fit_report.get(PRIOR_KEY) if prior is None else prior
-    m_t = trend_forecast(x, wl, x_end)
+    m_t = _trend_forecast(x, wl, x_end)
     pos = x / x_end
     drops = np.empty(0)
     if prior is not None:
