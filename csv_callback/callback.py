@@ -10,7 +10,6 @@ before ``on_validation_end``, where ``EarlyStopping`` and ``ModelCheckpoint`` re
 
 from __future__ import annotations
 
-import functools
 import os
 from operator import attrgetter
 from typing import Any
@@ -185,8 +184,8 @@ class SalienceCallback(EvaluatorViews, Callback):
                            category=RuntimeWarning)
             evaluation = self._evaluate(trainer, pl_module, training=True)
             for logger in trainer.loggers:
-                self._guarded(f"log the metrics of step {step} to {type(logger).__name__}",
-                              functools.partial(logger.log_metrics, evaluation.metrics, step=step))
+                self.evaluator.guard(f"log the metrics of step {step} to {type(logger).__name__}",
+                                     logger.log_metrics, evaluation.metrics, step)
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._check_model(pl_module)
@@ -257,12 +256,6 @@ class SalienceCallback(EvaluatorViews, Callback):
         return float(seen) if isinstance(seen, (int, float)) and not isinstance(seen, bool) else None
 
     # ------------------------------------------------------------------ side outputs (never fatal)
-    def _guarded(self, what: str, fn: Any) -> None:
-        try:
-            fn()
-        except Exception as e:  # hours of training matter more than one lost side output
-            rank_zero_warn(f"SalienceCallback could not {what} ({type(e).__name__}: {e}); training continues.",
-                           category=RuntimeWarning)
 
 
 def _wandb_runs(trainer: pl.Trainer) -> list[Any]:

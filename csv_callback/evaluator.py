@@ -305,7 +305,7 @@ class SalienceEvaluator:
         writer = sharding is None or sharding.rank == 0
         if writer and self.save_dir is not None and not self._stores:
             # A loop that never called open_store() still gets its losses saved (or is told why not).
-            self._guard(f"open the loss store {self.save_dir}", training, self.open_store)
+            self.guard(f"open the loss store {self.save_dir}", self.open_store, training=training)
         metrics: dict[str, float] = {}
         n_bad = 0.0  # NaN ("unknown") if some probe's losses could not be computed
         failed = False
@@ -331,17 +331,11 @@ class SalienceEvaluator:
                     )
             elif writer and probe.fingerprint in self._stores:
                 store = self._stores[probe.fingerprint]
-                self._guard(
+                saved = {**(extra or {}), **({"checkpoint": str(checkpoint)} if checkpoint else {})}
+                self.guard(
                     f"save the probe losses of {f'step {step}' if training else name} to {store.root}",
-                    training,
-                    functools.partial(
-                        store.write,
-                        name,
-                        losses,
-                        step=int(step),
-                        tokens_seen=tokens_seen,
-                        extra={**(extra or {}), **({"checkpoint": str(checkpoint)} if checkpoint else {})},
-                    ),
+                    functools.partial(store.write, name, losses, step=int(step), tokens_seen=tokens_seen, extra=saved),
+                    training=training,
                 )
         metrics[f"{self.prefix}/nonfinite_losses"] = n_bad
         if name not in self.evaluated:
@@ -460,10 +454,11 @@ class SalienceEvaluator:
         return out, torch.nonzero(gathered[:, width]).flatten().tolist()
 
     # ------------------------------------------------------------------ faults
-    def _guard(self, what: str, training: bool, fn: Callable[[], Any]) -> None:
-        """Run a side output; inside training a failure (full disk) warns instead of killing the run."""
+    def guard(self, what: str, fn: Callable[..., Any], *args: Any, training: bool = True) -> None:
+        """Run a side output ``fn(*args)`` (a save, a logger call); inside training a failure (a full disk, a
+        tracker error) warns ``"<owner> could not <what> (...); training continues."`` instead of killing the run."""
         try:
-            fn()
+            fn(*args)
         except Exception as e:  # hours of training matter more than one lost side output
             if not training:
                 raise

@@ -134,8 +134,7 @@ class SalienceTrainerCallback(EvaluatorViews, TrainerCallback, ExportableState):
         if state.is_world_process_zero:
             self.evaluator.open_store()
         self._training = True
-        report_to = [args.report_to] if isinstance(args.report_to, str) else list(args.report_to or [])
-        trackers = [t for t in report_to if t != "none"]
+        trackers = [t for t in _report_to(args) if t != "none"]
         if trackers and not self._attached and state.is_world_process_zero:
             warnings.warn(
                 f"SalienceTrainerCallback was not attached first, so the report_to trackers {trackers} will not "
@@ -207,10 +206,14 @@ class SalienceTrainerCallback(EvaluatorViews, TrainerCallback, ExportableState):
         return {f"{prefix}_{k}": v for k, v in evaluation.metrics.items()}
 
 
+def _report_to(args: Any) -> list[str]:
+    """``TrainingArguments.report_to`` as a list (it may be one string, a list, or None)."""
+    return [args.report_to] if isinstance(args.report_to, str) else list(args.report_to or [])
+
+
 def _wandb_run(args: Any) -> Any:
     """The W&B run the Trainer's ``WandbCallback`` logs into, or None when the Trainer does not report to W&B."""
-    report_to = [args.report_to] if isinstance(args.report_to, str) else list(args.report_to or [])
-    if "wandb" not in report_to:
+    if "wandb" not in _report_to(args):
         return None
     import wandb  # the Trainer's WandbCallback has imported it already
 

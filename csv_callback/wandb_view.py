@@ -22,8 +22,7 @@ logs, so this module can be imported without it.
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from .evaluator import SalienceEvaluator
@@ -121,7 +120,7 @@ class WandbExtras:
         """:func:`define_metrics` in each run that does not have them yet."""
         new = [r for r in runs if r.id not in self._defined]
         if new:
-            self._guarded("define the W&B metrics", define_metrics, new, self.evaluator, step_metric)
+            self.evaluator.guard("define the W&B metrics", define_metrics, new, self.evaluator, step_metric)
             self._defined |= {r.id for r in new}
 
     def after_evaluation(self, runs: Sequence[Run], tokenizer: Any = None) -> None:
@@ -129,20 +128,14 @@ class WandbExtras:
         retried: it would fail again). Nothing without vectors: nothing was predicted."""
         if not self.evaluator.vectors or not runs:
             return
-        self._guarded("log the predictions table to W&B", log_predictions_table, runs, self.evaluator)
+        self.evaluator.guard("log the predictions table to W&B", log_predictions_table, runs, self.evaluator)
         new = [r for r in runs if r.id not in self._viewed]
         if new:
             for vector, probe in _vectors(self.evaluator):
-                self._guarded(f"log the salience view of {vector.task!r} to W&B", _log_view, new,
-                              self.evaluator.prefix, vector, probe, tokenizer, None)
+                self.evaluator.guard(f"log the salience view of {vector.task!r} to W&B", _log_view, new,
+                                     self.evaluator.prefix, vector, probe, tokenizer, None)
             self._viewed |= {r.id for r in new}
 
-    def _guarded(self, what: str, fn: Callable[..., None], *args: Any) -> None:
-        try:
-            fn(*args)
-        except Exception as e:  # hours of training matter more than one lost side output
-            warnings.warn(f"{self.evaluator.owner} could not {what} ({type(e).__name__}: {e}); training continues.",
-                          RuntimeWarning, stacklevel=3)
 
 
 def _check(runs: Any, evaluator: Any, where: str, step: Any = None) -> list[Run]:
