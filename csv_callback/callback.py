@@ -64,7 +64,10 @@ class SalienceCallback(EvaluatorViews, Callback):
             ``max`` (scores) / ``min`` (losses) summary, log a table of all predictions and, once per run, an
             HTML view of the most salient probe tokens.
         interval_level: the coverage, in (0, 1), of the prediction interval logged as ``csv/<task>/pred_lo`` and
-            ``csv/<task>/pred_hi`` (:meth:`SalienceVector.predict_interval`).
+            ``csv/<task>/pred_hi`` (:meth:`SalienceVector.predict_interval`), and of the forecast's.
+        forecast_step: the global step whose score ``csv/<task>/forecast`` forecasts; None: the run's planned end,
+            ``trainer.estimated_stepping_batches`` (``max_steps``, or ``max_epochs`` times the optimizer steps per
+            epoch, whichever ends training first).
 
     Logged after every validation of ``trainer.fit`` (not the sanity check) and on ``trainer.validate``:
     ``csv/<task>/pred``, ``csv/<task>/pred_lo`` and ``csv/<task>/pred_hi`` (its interval at ``interval_level``,
@@ -72,6 +75,18 @@ class SalienceCallback(EvaluatorViews, Callback):
     (1.0 when the weighted loss is outside the range seen in fitting), ``csv/probe_mean_loss``
     (``csv/<fingerprint>/probe_mean_loss`` with several probes), ``csv/nonfinite_losses`` (count of NaN/inf token
     losses) and ``csv/eval_seconds`` (the time this callback added to the validation).
+
+    In ``fit`` also ``csv/<task>/forecast``, ``csv/<task>/forecast_lo`` and ``csv/<task>/forecast_hi``: the score
+    the run will reach at its end (``forecast_step``) and its interval, from the third validation on the
+    forecast of :func:`~csv_callback.forecast.forecast_score`; before that the prediction now, with the
+    link's whole range as its interval. They are logged from the first validation, finite, so a stock
+    ``EarlyStopping`` can monitor them at once (see :class:`~csv_callback.evaluator.SalienceEvaluator` for the
+    rules). To stop a run whose optimistic forecast falls below ``t``, and only then::
+
+        EarlyStopping(monitor="csv/<task>/forecast_hi", mode="max", divergence_threshold=t, patience=10**9)
+
+    (a large ``patience``: the forecast's upper end narrows as validations accumulate, which ``EarlyStopping``
+    would otherwise count as validations without improvement).
 
     Resume: the prediction history, the run's identity and which steps were evaluated are saved in every
     checkpoint. If the checkpoint a run resumes from was written before that step's validation (e.g.
@@ -110,6 +125,7 @@ class SalienceCallback(EvaluatorViews, Callback):
         prefix: str = "csv",
         wandb_extras: bool = True,
         interval_level: float = 0.8,
+        forecast_step: int | None = None,
     ) -> None:
         for name, attr in (
             ("model_attr", model_attr),
@@ -119,7 +135,7 @@ class SalienceCallback(EvaluatorViews, Callback):
             if attr is not None and (not isinstance(attr, str) or not attr):
                 raise ValueError(f"SalienceCallback({name}=...) must be None or an attribute name, got {attr!r}.")
         self.evaluator = SalienceEvaluator(vectors, probe, batch_size, save_dir, prefix, owner=_OWNER,
-                                           interval_level=interval_level)
+                                           interval_level=interval_level, forecast_step=forecast_step)
         self.model_attr = model_attr
         self.tokenizer_attr = tokenizer_attr
         self.tokens_seen_attr = tokens_seen_attr
@@ -127,6 +143,7 @@ class SalienceCallback(EvaluatorViews, Callback):
         self._fn: TrainerFn | None = None
         self._loaded_step: int | None = None  # global_step of the checkpoint this trainer call loaded
         self._model_checked = False
+        self._end_step: float | None = None  # the planned end of the run being fitted
         self._wandb = WandbExtras(self.evaluator)
 
     # ------------------------------------------------------------------ Lightning state
@@ -177,6 +194,11 @@ class SalienceCallback(EvaluatorViews, Callback):
         # The run's state (its id, for the store) is restored by now, whatever the strategy.
         if trainer.is_global_zero:
             self.evaluator.open_store()
+        self._end_step = float(trainer.estimated_stepping_batches)
+        if self.vectors and self.evaluator.forecast_step is None and not 0 < self._end_step < float("inf"):
+            rank_zero_warn("SalienceCallback: this run has no planned end (max_steps and max_epochs are -1, or an "
+                           "iterable dataset without max_steps), so no forecast is logged; pass forecast_step=... "
+                           "to forecast the score at a step of your choice.", category=RuntimeWarning)
         step = int(trainer.global_step)
         if trainer.ckpt_path is not None and self.evaluator.missed(step):
             rank_zero_warn(f"SalienceCallback: the checkpoint resumed from ({trainer.ckpt_path}) holds step {step}, "
@@ -243,7 +265,7 @@ class SalienceCallback(EvaluatorViews, Callback):
             self._model(pl_module), step, training=training, checkpoint=checkpoint,
             tokens_seen=self._tokens_seen(pl_module),
             extra={"epoch": int(trainer.current_epoch), "stage": getattr(trainer.state.stage, "value", None)},
-            sharding=sharding)
+            sharding=sharding, end_step=self._end_step)
         if self.wandb_extras and trainer.is_global_zero:
             tokenizer = getattr(pl_module, self.tokenizer_attr, None) if self.tokenizer_attr else None
             self._wandb.after_evaluation(_wandb_runs(trainer), tokenizer)

@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .forecast import MIN_POINTS, forecast_score
 from .losses import token_losses
 from .probe import ProbeMismatchError, ProbeSet
 from .salience import SalienceVector, check_level
@@ -108,7 +109,9 @@ class SalienceEvaluator:
         prefix: the metrics' name prefix.
         owner: the name used in messages (the adapter's class name).
         interval_level: the coverage, in (0, 1), of the prediction interval logged as ``pred_lo``/``pred_hi``
-            (:meth:`SalienceVector.predict_interval`).
+            (:meth:`SalienceVector.predict_interval`) and of the forecast's interval.
+        forecast_step: the training step whose score is forecast (see below); None forecasts the run's planned
+            end, which the adapter passes to :meth:`evaluate` as ``end_step`` (no forecast without either).
 
     Metrics of :meth:`evaluate`: ``<prefix>/<task>/pred``, ``<prefix>/<task>/pred_lo`` and
     ``<prefix>/<task>/pred_hi`` (the prediction interval at ``interval_level``; NaN for a vector fitted before
@@ -116,6 +119,23 @@ class SalienceEvaluator:
     ``<prefix>/<task>/extrapolating`` (1.0 outside the loss range the vector was fitted on),
     ``<prefix>/probe_mean_loss`` (``<prefix>/<fingerprint>/probe_mean_loss`` with several probes),
     ``<prefix>/nonfinite_losses`` and ``<prefix>/eval_seconds``.
+
+    In training, with an end step known (``forecast_step``, or the ``end_step`` the adapter passes), also
+    ``<prefix>/<task>/forecast``, ``<prefix>/<task>/forecast_lo`` and ``<prefix>/<task>/forecast_hi``: the score the
+    run will reach at the end step and its interval at ``interval_level``
+    (:func:`~csv_callback.forecast.forecast_score` on the weighted losses of the run's validations at steps > 0).
+    They are logged from the first validation on, never NaN for a finite loss, so that a stock early-stopping
+    callback can monitor them from the start:
+
+    - with fewer than ``MIN_POINTS`` (3) such validations, the forecast is the prediction now and its interval is
+      everything the vector's link can give (``link.lo`` .. ``link.hi``): nothing is known yet about the end;
+    - from the third on, the forecast of :func:`~csv_callback.forecast.forecast_score`, which uses the trajectory
+      prior the vector carries (its fitting runs' schedule is assumed: see :mod:`csv_callback.forecast`);
+    - at or after the end step, the prediction now and its interval.
+
+    An interval the vector cannot give (no stored residuals) spans the link's range instead of being NaN. An
+    evaluation whose losses could not be computed, or are NaN/inf, logs a NaN forecast like its prediction.
+    Evaluations outside training forecast nothing.
     """
 
     def __init__(
@@ -127,9 +147,15 @@ class SalienceEvaluator:
         prefix: str = "csv",
         owner: str = "SalienceEvaluator",
         interval_level: float = 0.8,
+        forecast_step: int | None = None,
     ) -> None:
         self.owner = owner
         self.interval_level = check_level(interval_level, f"{owner}(interval_level=...)")
+        if forecast_step is not None and (not isinstance(forecast_step, int) or isinstance(forecast_step, bool)
+                                          or forecast_step < 1):
+            raise ValueError(f"{owner}(forecast_step=...) must be None (the run's planned end) or a positive int, the "
+                             f"training step whose score is forecast, got {forecast_step!r}.")
+        self.forecast_step = forecast_step
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise ValueError(f"{owner}(batch_size=...) must be a positive int, got {batch_size!r}.")
         if not isinstance(prefix, str) or not prefix or prefix.endswith("/"):
@@ -160,6 +186,7 @@ class SalienceEvaluator:
         self._stores: dict[str, LossStore] = {}
         self._shards: dict[tuple[str, int], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
         self._last: tuple[tuple, Evaluation] | None = None
+        self._warned: set[tuple[str, str]] = set()
 
     # ------------------------------------------------------------------ construction helpers
     def _as_list(self, x: Any, name: str) -> list:
@@ -278,6 +305,7 @@ class SalienceEvaluator:
         tokens_seen: float | None = None,
         extra: dict[str, Any] | None = None,
         sharding: Sharding | None = None,
+        end_step: float | None = None,
     ) -> Evaluation:
         """Score the probe(s) with ``model`` as it is now and return the metrics.
 
@@ -291,6 +319,8 @@ class SalienceEvaluator:
                 outside training.
             tokens_seen, extra: stored with the losses.
             sharding: split the probe across ranks; every rank must call with the same arguments.
+            end_step: the step where the run is planned to end (the forecast's target unless ``forecast_step``
+                was given); None or inf when unknown.
 
         Calling again at the same step with the same weights (the same parameter tensors, none modified in
         place since) returns the previous result without recomputing or storing anything: a trainer that
@@ -302,6 +332,8 @@ class SalienceEvaluator:
             return self._last[1]
         start = time.perf_counter()
         name = f"step-{int(step):09d}" if training else self._fresh_name(step, checkpoint)
+        end = self.forecast_step if self.forecast_step is not None else end_step
+        forecast_to = float(end) if training and end is not None and math.isfinite(end) and end > 0 else None
         writer = sharding is None or sharding.rank == 0
         if writer and self.save_dir is not None and not self._stores:
             # A loop that never called open_store() still gets its losses saved (or is told why not).
@@ -315,7 +347,7 @@ class SalienceEvaluator:
             n_bad += bad
             metrics[self.mean_loss_name(probe)] = mean
             for vector in self.groups[probe.fingerprint]:
-                metrics |= self._predict(vector, losses if bad == 0 else None, name, step)
+                metrics |= self._predict(vector, losses if bad == 0 else None, name, step, forecast_to)
             if losses is None:
                 failed = True
                 continue
@@ -372,7 +404,9 @@ class SalienceEvaluator:
             name = f"{base}-{k}"
         return name
 
-    def _predict(self, vector: SalienceVector, losses: torch.Tensor | None, name: str, step: int) -> dict[str, float]:
+    def _predict(
+        self, vector: SalienceVector, losses: torch.Tensor | None, name: str, step: int, forecast_to: float | None
+    ) -> dict[str, float]:
         if losses is None:
             pred, wl, extrapolating, lo, hi = math.nan, math.nan, True, math.nan, math.nan
         else:
@@ -382,13 +416,51 @@ class SalienceEvaluator:
         # No interval (no stored residuals, or no losses) is None in the history: NaN is not JSON, and NaN != NaN
         # would make a resumed run's rows differ from the ones it saved.
         row = {"name": name, "step": int(step), "task": vector.task, "pred": pred, "weighted_loss": wl,
-               "extrapolating": extrapolating, "pred_lo": None if math.isnan(lo) else lo,
-               "pred_hi": None if math.isnan(hi) else hi}
+               "extrapolating": extrapolating, "pred_lo": _none_if_nan(lo), "pred_hi": _none_if_nan(hi),
+               "forecast": None, "forecast_lo": None, "forecast_hi": None}
         # Only a training step evaluated again (a resumed run) replaces its row: other names are fresh.
         self.history = [r for r in self.history if (r["name"], r["task"]) != (name, vector.task)] + [row]
         base = f"{self.prefix}/{vector.task}"
-        return {f"{base}/pred": pred, f"{base}/pred_lo": lo, f"{base}/pred_hi": hi, f"{base}/weighted_loss": wl,
-                f"{base}/extrapolating": float(extrapolating)}
+        out = {f"{base}/pred": pred, f"{base}/pred_lo": lo, f"{base}/pred_hi": hi, f"{base}/weighted_loss": wl,
+               f"{base}/extrapolating": float(extrapolating)}
+        if forecast_to is not None:
+            forecast = self._forecast(vector, row, forecast_to)
+            row.update(zip(("forecast", "forecast_lo", "forecast_hi"), map(_none_if_nan, forecast)))
+            out |= dict(zip((f"{base}/forecast", f"{base}/forecast_lo", f"{base}/forecast_hi"), forecast))
+        return out
+
+    def _forecast(self, vector: SalienceVector, row: dict[str, Any], end: float) -> tuple[float, float, float]:
+        """``(forecast, lo, hi)`` of ``vector``'s score at step ``end`` from this run's training history up to
+        ``row`` (this evaluation's, already in the history); the rules are in the class docstring."""
+        if not math.isfinite(row["weighted_loss"]):
+            return math.nan, math.nan, math.nan
+        if row["step"] >= end:
+            return row["pred"], *self._or_link_range(vector, row["pred_lo"], row["pred_hi"])
+        points = sorted((r["step"], r["weighted_loss"]) for r in self.history
+                        if r["task"] == vector.task and r["name"].startswith("step-") and 0 < r["step"] <= row["step"]
+                        and r["weighted_loss"] is not None and math.isfinite(r["weighted_loss"]))
+        if len(points) < MIN_POINTS:
+            return row["pred"], *self._or_link_range(vector, None, None)
+        x, wl = zip(*points)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            pred, lo, hi = forecast_score(x, wl, end, vector, self.interval_level)
+        for w in caught:  # e.g. a prior that starts later than this run's first validations: once per message
+            if (vector.task, str(w.message)) not in self._warned:
+                self._warned.add((vector.task, str(w.message)))
+                warnings.warn(f"{self.owner}: forecast of {vector.task!r}: {w.message}", w.category, stacklevel=4)
+        return pred, *self._or_link_range(vector, lo, hi)
+
+    @staticmethod
+    def _or_link_range(vector: SalienceVector, lo: float | None, hi: float | None) -> tuple[float, float]:
+        """``(lo, hi)``, each replaced by the end of what ``vector``'s link can give (within its score range) where
+        it is missing or not finite: a monitor must stay finite, and that range is what is known then."""
+        a, b = vector.score_range
+        low, high = min(max(vector.link.lo, a), b), min(max(vector.link.hi, a), b)
+        def known(v: float | None) -> bool:
+            return v is not None and math.isfinite(v)
+
+        return (lo if known(lo) else low, hi if known(hi) else high)
 
     def _losses(
         self, model: nn.Module, probe: ProbeSet, step: int, training: bool, sharding: Sharding | None
@@ -479,7 +551,8 @@ class SalienceEvaluator:
         for v in self.vectors:
             base = f"{self.prefix}/{v.task}"
             out |= {f"{base}/pred": "max", f"{base}/pred_lo": "max", f"{base}/pred_hi": "max",
-                    f"{base}/weighted_loss": "min", f"{base}/extrapolating": "max"}
+                    f"{base}/weighted_loss": "min", f"{base}/extrapolating": "max", f"{base}/forecast": "last",
+                    f"{base}/forecast_lo": "last", f"{base}/forecast_hi": "last"}
         return out
 
     @property
@@ -547,14 +620,19 @@ class EvaluatorViews:
     @property
     def history(self) -> list[dict[str, Any]]:
         """One row per (evaluation, task): name, step, task, pred, weighted_loss, extrapolating, pred_lo, pred_hi
-        (None where there is no interval)."""
+        (None where there is no interval), forecast, forecast_lo, forecast_hi (None where nothing was forecast)."""
         return self.evaluator.history
 
 
 def _legacy_row(row: dict[str, Any]) -> dict[str, Any]:
     """A saved history row in today's form: state version 1 had no names (every row was a training step), and
-    rows saved before intervals existed have none (None)."""
-    return {"name": f"step-{int(row['step']):09d}", "pred_lo": None, "pred_hi": None, **row}
+    rows saved before intervals and forecasts existed have none (None)."""
+    return {"name": f"step-{int(row['step']):09d}", "pred_lo": None, "pred_hi": None, "forecast": None,
+            "forecast_lo": None, "forecast_hi": None, **row}
+
+
+def _none_if_nan(x: float) -> float | None:
+    return None if math.isnan(x) else float(x)
 
 
 def _out_of_memory(error: Exception) -> bool:

@@ -82,7 +82,13 @@ class SalienceTrainerCallback(EvaluatorViews, TrainerCallback, ExportableState):
             run's losses, or a path that is not a writable directory, fails before the first step.
         prefix: the metrics' name prefix (after the Trainer's own ``eval_``).
         interval_level: the coverage, in (0, 1), of the prediction interval added as ``.../pred_lo`` and
-            ``.../pred_hi`` (:meth:`SalienceVector.predict_interval`).
+            ``.../pred_hi`` (:meth:`SalienceVector.predict_interval`), and of the forecast's.
+        forecast_step: the global step whose score ``.../forecast`` forecasts; None: the run's planned end,
+            ``state.max_steps`` (the Trainer's ``max_steps``, or the steps its ``num_train_epochs`` make).
+
+    Inside ``train()`` each evaluation also adds ``.../forecast``, ``.../forecast_lo`` and ``.../forecast_hi``, the
+    score the run will reach at ``forecast_step`` and its interval, by the rules of
+    :class:`~csv_callback.evaluator.SalienceEvaluator` (finite from the first evaluation; forecast from the third).
     """
 
     def __init__(
@@ -93,9 +99,10 @@ class SalienceTrainerCallback(EvaluatorViews, TrainerCallback, ExportableState):
         save_dir: PathLike | None = None,
         prefix: str = "csv",
         interval_level: float = 0.8,
+        forecast_step: int | None = None,
     ) -> None:
         self.evaluator = SalienceEvaluator(vectors, probe, batch_size, save_dir, prefix, owner=_OWNER,
-                                           interval_level=interval_level)
+                                           interval_level=interval_level, forecast_step=forecast_step)
         self._attached = False
         self._model_checked = False
         self._training = False  # between on_train_begin and on_train_end: faults warn instead of raising
@@ -202,7 +209,7 @@ class SalienceTrainerCallback(EvaluatorViews, TrainerCallback, ExportableState):
         evaluation = self.evaluator.evaluate(
             model, step, training=self._training, checkpoint=checkpoint,
             tokens_seen=float(state.num_input_tokens_seen) if state.num_input_tokens_seen else None,
-            sharding=torch_distributed_sharding(device))
+            sharding=torch_distributed_sharding(device), end_step=state.max_steps or None)
         return {f"{prefix}_{k}": v for k, v in evaluation.metrics.items()}
 
 
