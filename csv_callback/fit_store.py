@@ -18,6 +18,7 @@ import numpy as np
 
 from ._checks import require_str
 from .fit import FIT_OPTIONS, fit_salience
+from .forecast import trajectory_prior, with_prior
 from .lmeval import read_mapping, scores_from_csv, scores_from_lmeval
 from .salience import SalienceVector
 from .store import LossStore, load_losses
@@ -33,6 +34,7 @@ def fit_from_store(
     mapping: str | os.PathLike | None = None,
     score_column: str = "score",
     groups: str | None = None,
+    trajectory: bool = False,
     **fit_options: Any,
 ) -> SalienceVector:
     """Fit a vector for ``task`` on the stored checkpoints that have a score.
@@ -52,6 +54,10 @@ def fit_from_store(
         groups: the held-out unit of cross-validation: ``"re:REGEX"`` (the first capture group, or the whole
             match, of each checkpoint's name) or ``"col:NAME"`` (a column of ``scores``). None: random folds
             over checkpoints.
+        trajectory: also store the trajectory prior the end-of-run forecast uses
+            (:func:`~csv_callback.forecast.trajectory_prior`), from every stored checkpoint, scored or not: each store
+            is one complete run (a training run's ``save_dir``), its last step the run's end. Needs at least two
+            stores and steps recorded with the losses.
         fit_options: ``n_folds``, ``seed``, ``priors``, ``anchor``, ``score_range``, passed to
             :func:`~csv_callback.fit.fit_salience` (which validates them).
 
@@ -79,6 +85,9 @@ def fit_from_store(
         raise ValueError("mapping matches lm-eval's recorded models to checkpoints; a scores CSV names its checkpoints "
                          "itself, so pass mapping only with lmeval=...")
     rule = None if groups is None else _parse_groups(groups, from_csv=scores is not None)
+    if trajectory and len(roots) < 2:
+        raise ValueError("trajectory=True learns how runs move to their end from several complete runs: pass at least "
+                         "two loss stores (one save_dir per run).")
     opened = [LossStore(root) for root in roots]
     for store in opened:
         if store.fingerprint is None:
@@ -102,13 +111,31 @@ def fit_from_store(
     if len(keep) < len(table.names):
         warnings.warn(f"{len(table.names) - len(keep)} stored checkpoint(s) have no {task} score and are left out.",
                       stacklevel=2)
-    X = _select_rows(table.losses, keep)
+    # The trajectory prior reads every stored checkpoint, so the matrix is then not compacted in place.
+    X = table.losses[keep] if trajectory else _select_rows(table.losses, keep)
     names = [table.names[i] for i in keep]
     labels = None if rule is None else _groups(rule, names, rows)
     sv = fit_salience(X, np.array([by_name[n].value for n in names]), groups=labels, probe=probe, task=task,
                       metric=metric, **fit_options)
     sv.fit_report.update(checkpoints=names, score_sources=[by_name[n].source for n in names])
+    if trajectory:
+        runs = [str(store) for store, _ in _stores_of(roots, table.names)]
+        sv = with_prior(sv, trajectory_prior(sv, table.losses, table.steps, runs, _run_ends(table.steps, runs)))
     return sv
+
+
+def _run_ends(steps: np.ndarray, runs: list[str]) -> np.ndarray:
+    """``[m]`` the last recorded step of each checkpoint's run; a run with an unrecorded step (-1) is an error."""
+    runs_arr = np.asarray(runs, dtype=object)
+    end = np.zeros(len(runs), dtype=np.float64)
+    for run in dict.fromkeys(runs):
+        rows = runs_arr == run
+        if (steps[rows] < 1).any():
+            raise ValueError(f"{run} holds checkpoints without a training step (step -1 or 0), so it cannot teach the "
+                             "forecast how a run moves to its end; collect with --step (or from a training run's "
+                             "save_dir), or fit without trajectory.")
+        end[rows] = steps[rows].max()
+    return end
 
 
 def _stores_of(roots: list[Path], names: list[str]) -> list[tuple[Path, str]]:

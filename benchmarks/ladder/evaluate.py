@@ -44,6 +44,7 @@ from world import TASKS, World
 
 from csv_callback import ProbeSet, fit_salience
 from csv_callback.fit import fit_link
+from csv_callback.forecast import trajectory_prior, with_prior
 from csv_callback.lmeval import scores_from_lmeval
 from csv_callback.salience import conformal_quantile
 from csv_callback.store import load_losses
@@ -92,6 +93,20 @@ def load_ladder(data: Path, mixtures: list[str] | None = None) -> Ladder:
     return Ladder(np.concatenate(losses), {t: np.array(v) for t, v in scores.items()},
                   {t: np.array(v) for t, v in stderr.items()}, np.array(sizes),
                   np.array(groups), np.array(steps), probe)
+
+
+def run_labels(ladder: Ladder) -> np.ndarray:
+    """``[m]`` each checkpoint's run, ``<size>-<mixture>`` (the run's directory name)."""
+    return np.array([f"{s}-{m}" for s, m in zip(ladder.sizes, ladder.mixtures)])
+
+
+def run_ends(ladder: Ladder) -> np.ndarray:
+    """``[m]`` the last step of each checkpoint's run (every ladder run is complete)."""
+    runs = run_labels(ladder)
+    end = np.zeros(len(runs))
+    for r in np.unique(runs):
+        end[runs == r] = ladder.steps[runs == r].max()
+    return end
 
 
 def answer_mask(ladder: Ladder, task: str) -> np.ndarray:
@@ -206,11 +221,15 @@ def main(argv: list[str] | None = None) -> None:
     if args.out:
         args.out.write_text(json.dumps(table, indent=1))
     if args.vectors:
-        # Protocol (a)'s vector is fitted on all checkpoints (its strength chosen by leave-one-mixture-out CV).
+        # Protocol (a)'s vector is fitted on all checkpoints (its strength chosen by leave-one-mixture-out CV), and
+        # carries the trajectory prior of all 36 runs for the callbacks' end-of-run forecast.
         args.vectors.mkdir(parents=True, exist_ok=True)
         ladder.probe.save(args.vectors / "probe.safetensors")
+        runs, end = run_labels(ladder), run_ends(ladder)
         for task in TASKS:
-            results[task, "leave-one-mixture-out"]["vector"].save(args.vectors / f"{task}.safetensors")
+            sv = results[task, "leave-one-mixture-out"]["vector"]
+            sv = with_prior(sv, trajectory_prior(sv, ladder.losses, ladder.steps, runs, end))
+            sv.save(args.vectors / f"{task}.safetensors")
     if args.plot:
         plot(results, args.plot)
 

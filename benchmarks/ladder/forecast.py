@@ -31,7 +31,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from evaluate import answer_mask, load_ladder
+from evaluate import answer_mask, load_ladder, run_ends, run_labels
 from world import TASKS
 
 from csv_callback import SalienceVector, fit_salience
@@ -46,11 +46,6 @@ METHODS = ("forecast", "now", "loss averaging")
 DIAGNOSTICS = ("own trend only", "at the final loss")
 
 
-def run_labels(ladder) -> np.ndarray:
-    """``[m]`` each checkpoint's run, ``<size>-<mixture>`` (the run's directory name)."""
-    return np.array([f"{s}-{m}" for s, m in zip(ladder.sizes, ladder.mixtures)])
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parent / "data")
@@ -60,10 +55,7 @@ def main(argv: list[str] | None = None) -> None:
                              "are most of the time; delete the directory when the ladder's data changes)")
     args = parser.parse_args(argv)
     ladder = load_ladder(args.data)
-    runs = run_labels(ladder)
-    end = np.zeros(len(runs))
-    for r in np.unique(runs):
-        end[runs == r] = ladder.steps[runs == r].max()
+    runs, end = run_labels(ladder), run_ends(ladder)
     mean_loss = ladder.losses.mean(1, dtype=np.float64)
     rows = []
     for task in TASKS:
