@@ -37,6 +37,7 @@ from .salience import (
     UNBOUNDED,
     SalienceVector,
     SigmoidLink,
+    check_domain_names,
     check_score_range,
     link_bounds,
     link_curve,
@@ -135,11 +136,13 @@ def fit_salience(
     priors: Sequence[str] | None = None,
     anchor: tuple[float, float] | None = None,
     score_range: tuple[float, float] | None = None,
+    domains: Sequence[str] | None = None,
 ) -> SalienceVector:
     """Fit token weights and link jointly; choose the regularisation and its prior by cross-validation.
 
     Args:
-        losses: ``[m, n]`` per-token losses of m checkpoints on the n scored tokens of one probe.
+        losses: ``[m, n]`` per-token losses of m checkpoints on the n scored tokens of one probe; for a domain
+            vector (``domains``), the mean losses of m checkpoints on n validation domains.
         scores: ``[m]`` the checkpoints' benchmark scores.
         groups: ``[m]`` labels of the held-out unit (run, data mixture). Each fold holds out whole groups
             (one group per fold up to 10 groups, else ``n_folds`` folds of groups). Without groups,
@@ -168,6 +171,10 @@ def fit_salience(
             the link's span at most the range's width. Default: [0, 1] for ``metric="acc"``; for any other
             metric [0, 1] when every score lies in [0, 1] (fractions, e.g. ``acc_norm``), else unbounded.
             Pass ``(-inf, inf)`` for a metric whose scores happen to lie in [0, 1] but could leave it.
+        domains: ``[n]`` the names of the validation domains, in the order of ``losses``' columns: fits a domain
+            vector (no probe, no answer mask), whose report adds the baseline ``"domain"``: the best single domain,
+            chosen in each fold as the one whose link fits that fold's training checkpoints best (and
+            ``best_domain``, the one chosen on all checkpoints).
 
     Returns:
         A :class:`SalienceVector`, with the score range it was fitted for, whose ``fit_report`` holds
@@ -184,17 +191,22 @@ def fit_salience(
     X, y, rng, labels, fold_of, answer, priors = _validate_fit_inputs(losses, scores, groups, probe, answer_mask,
                                                                       task, metric, n_folds, seed, priors, score_range)
     anchor = _validate_anchor(anchor, rng)
+    if domains is not None:
+        if probe is not None or answer_mask is not None:
+            raise ValueError("a domain vector (domains=...) weighs validation domains, not a probe's tokens: pass "
+                             "neither probe nor answer_mask with it.")
+        domains = check_domain_names(domains, X.shape[1])
     # One BLAS thread per call throughout: the solver splits its products over threads of its own, and
     # OpenBLAS's two threads, spinning while Python works between calls, were slower everywhere and up to
     # 10x slower on a busy machine (the Gram product at 500 x 1M: 17-21 s vs 2.7 s; BENCHMARKS.md).
     with threadpool_limits(limits=1, user_api="blas"):
-        return _fit(X, y, rng, labels, fold_of, answer, priors, probe, task, metric, anchor)
+        return _fit(X, y, rng, labels, fold_of, answer, priors, probe, task, metric, anchor, domains)
 
 
 def _fit(
     X: np.ndarray, y: np.ndarray, rng: tuple[float, float], labels: np.ndarray | None, fold_of: np.ndarray,
     answer: np.ndarray | None, prior_names: Sequence[str], probe: ProbeSet | None, task: str, metric: str,
-    anchor: tuple[float, float] | None,
+    anchor: tuple[float, float] | None, domains: tuple[str, ...] | None = None,
 ) -> SalienceVector:
     m, n = X.shape
     lams = list(_LAMBDA_GRID)
@@ -211,6 +223,12 @@ def _fit(
         for f in range(n_f):
             tr = fold_of != f
             cv_pred[name][~tr] = _fit_link(L[tr], y[tr], rng, anchor)(L[~tr])
+    if domains is not None:
+        cv_pred["domain"] = np.empty(m)
+        for f in range(n_f):
+            tr = fold_of != f
+            column, link = _best_column(X[tr], y[tr], rng, anchor)
+            cv_pred["domain"][~tr] = link(X[~tr, column])
 
     # Per prior, one path per fold plus the final fit's (all rows), all solved together; the final fit at the
     # chosen lam is that path's state there, exactly what a path truncated at that lam would end on.
@@ -251,6 +269,7 @@ def _fit(
         "train_mse": float(np.mean((final.link(wl) - y) ** 2)),
         "effective_tokens": float(np.exp(-np.sum(weights * np.log(np.maximum(weights, 1e-300))))),
         "n_checkpoints": m,
+        **({} if domains is None else {"best_domain": domains[_best_column(X, y, rng, anchor)[0]]}),
         # What SalienceVector.interval needs: csv's honest held-out errors, pooled over checkpoints. The checkpoints
         # of one group are correlated, so the split-conformal rank guarantees coverage only as far as they are
         # exchangeable; a group-level correction (one unit per group) would make the 80% interval infinite with
@@ -266,12 +285,23 @@ def _fit(
         tokenizer_hash=probe.tokenizer_hash if probe is not None else "",
         fit_report=report,
         score_range=rng,
+        domains=domains,
     )
     # The range comes from the vector's own float64 weighted_loss, as the callbacks compute it (a row at a time),
     # not from the solver's float32 products, which put the fitting set's own extremes about 1e-7 outside it.
     seen = [sv.weighted_loss(row) for row in X]  # one float64 row at a time: no float64 copy of X
     report["weighted_loss"] = seen
     return replace(sv, loss_range=(min(seen), max(seen)))
+
+
+def _best_column(
+    X: np.ndarray, y: np.ndarray, rng: tuple[float, float], anchor: tuple[float, float] | None
+) -> tuple[int, SigmoidLink]:
+    """The column of ``X`` ``[m, n]`` whose fitted link fits ``y`` ``[m]`` best (least squares), and that link."""
+    links = [_fit_link(X[:, c].astype(np.float64), y, rng, anchor) for c in range(X.shape[1])]
+    errors = [float(np.mean((link(X[:, c]) - y) ** 2)) for c, link in enumerate(links)]
+    best = int(np.argmin(errors))
+    return best, links[best]
 
 
 def _fit_paths(

@@ -11,6 +11,12 @@ exceeds ``b`` and none falls below ``2a - b``; a vector whose link breaks that i
 A vector from :func:`~csv_callback.fit.fit_salience` also carries its cross-validation's held-out residuals
 (``fit_report["interval"]``), from which :meth:`SalienceVector.predict_interval` makes split-conformal
 prediction intervals.
+
+A *domain vector* weighs the mean losses of named validation sets (``domains``, e.g. ``("c4", "wikitext")``)
+instead of a probe's tokens: the same weights and link at a coarser grain, fitted from the validation losses a
+training loop already logs. It records its domain names, in order, in place of a probe fingerprint, and
+refuses losses of other domains or in another order (:meth:`SalienceVector.check_domains`,
+:meth:`SalienceVector.domain_losses`).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import math
 import numbers
 import os
 import warnings
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -33,10 +40,14 @@ from .files import atomic_save, malformed_file, read_safetensors
 from .probe import ProbeMismatchError, ProbeSet
 
 # Format 2 added score_range; format 1 files are still read (see SalienceVector.score_range for their range).
+# Domain vectors are written in format 3 (their domain names), token vectors still in format 2, so that a version
+# that knows no domains refuses a domain vector instead of applying it to a probe's token losses.
 FORMAT = "csv_callback.salience/2"
+DOMAIN_FORMAT = "csv_callback.salience/3"
 _FORMAT_1 = "csv_callback.salience/1"
 _META_KEYS_1 = ("link", "task", "metric", "probe_fingerprint", "tokenizer_hash", "loss_range", "fit_report")
 _META_KEYS = (*_META_KEYS_1, "score_range")
+_META_KEYS_3 = (*_META_KEYS, "domains")
 _LINK_KEYS = ("lo", "hi", "k", "L0")
 _RANGE_RTOL = 1e-9
 # weighted_loss converts its input to float64 this many bytes at a time: small next to a table of gigabytes.
@@ -168,6 +179,8 @@ class SalienceVector:
         score_range: (lo, hi) the scores can take, which bounds the link (see the module docstring). None, as in
             files written before the range was recorded, means the range ``metric`` names: ``(0, 1)`` for
             ``"acc"``, else ``(-inf, inf)``, the range such a vector was fitted for.
+        domains: for a domain vector, the names of the validation sets its weights index, in order (distinct,
+            non-empty; one per weight); then it has no probe fingerprint. None for a token vector.
     """
 
     weights: np.ndarray
@@ -179,6 +192,7 @@ class SalienceVector:
     loss_range: tuple[float, float] = (-math.inf, math.inf)
     fit_report: dict[str, Any] = field(default_factory=dict)
     score_range: tuple[float, float] | None = None
+    domains: tuple[str, ...] | None = None
     _warned_no_interval: bool = field(default=False, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -212,6 +226,11 @@ class SalienceVector:
             self.score_range = named_score_range(self.metric) or UNBOUNDED
         self.score_range = check_score_range(self.score_range)
         self.link.check_range(self.score_range)
+        if self.domains is not None:
+            self.domains = check_domain_names(self.domains, len(w))
+            if self.probe_fingerprint or self.tokenizer_hash:
+                raise ValueError(f"a domain vector has no probe: its weights index the domains "
+                                 f"{list(self.domains)[:5]}, so probe_fingerprint and tokenizer_hash must be empty.")
         self.weights = w
         self.loss_range = (lo, hi)
 
@@ -223,7 +242,7 @@ class SalienceVector:
         """Raise :class:`ProbeMismatchError` unless this vector was fitted on ``probe``.
 
         A vector without a fingerprint (fitted with ``probe=None``) is refused too: nothing shows which probe
-        its weights index, and any probe of the same length would otherwise pass.
+        its weights index, and any probe of the same length would otherwise pass. So is a domain vector.
         """
         self._require_fingerprint(probe.fingerprint)
         if probe.n_tokens != self.n_tokens or probe.fingerprint != self.probe_fingerprint:
@@ -265,15 +284,57 @@ class SalienceVector:
         return x @ self.weights
 
     def _require_tokens(self, n: int) -> None:
+        if n != self.n_tokens and self.domains is not None:
+            raise ProbeMismatchError(f"losses have {n} values per row but domain vector {self.task!r} weighs "
+                                     f"{self.n_tokens} domains {list(self.domains)[:10]}; pass one loss per domain.")
         if n != self.n_tokens:
             raise ProbeMismatchError(
                 f"losses have {n} tokens per row but salience vector {self.task!r} has {self.n_tokens}; "
                 "the losses were computed on a different probe."
             )
 
+    def check_domains(self, names: Any) -> None:
+        """Raise :class:`ProbeMismatchError` unless ``names`` (a sequence of str: the columns of a loss table) are
+        this domain vector's domains in its order; a token vector is refused too."""
+        if self.domains is None:
+            raise ProbeMismatchError(f"salience vector {self.task!r} weighs the tokens of probe "
+                                     f"{self.probe_fingerprint or '(none recorded)'}, not validation domains; apply "
+                                     "it to the probe's per-token losses, or fit a domain vector (fit_salience(..., "
+                                     "domains=[...])).")
+        got = tuple(names) if isinstance(names, (list, tuple)) else None
+        if got != self.domains:
+            detail = ("the same domains in another order" if got is not None and sorted(got) == sorted(self.domains)
+                      else f"missing {[d for d in self.domains if d not in (got or ())]}, unknown "
+                           f"{[d for d in (got or ()) if d not in self.domains]}")
+            raise ProbeMismatchError(f"domain vector {self.task!r} weighs the losses of {list(self.domains)}, in that "
+                                     f"order, but the losses given are of {names!r} ({detail}); pass one loss per "
+                                     "domain in the vector's order (domain_losses() orders a dict by name).")
+
+    def domain_losses(self, losses: Mapping[str, Any]) -> np.ndarray:
+        """float64 ``[n_domains]``: ``losses``, a mapping of domain name -> mean loss (floats or 0-d tensors), in
+        this domain vector's order. Every domain must be there, and no other name (it would be silently ignored).
+        Values are not checked for NaN/inf here: :meth:`weighted_loss` refuses them."""
+        if self.domains is None:
+            self.check_domains(())  # names the problem: a token vector
+        if not isinstance(losses, Mapping):
+            raise ValueError(f"domain_losses takes a mapping of domain name -> loss, got {type(losses).__name__}.")
+        missing = [d for d in self.domains if d not in losses]
+        unknown = [k for k in losses if k not in self.domains]
+        if missing or unknown:
+            raise ProbeMismatchError(f"domain vector {self.task!r} weighs the losses of {list(self.domains)}, but the "
+                                     f"losses given miss {missing} and have unknown {unknown}; pass one loss per "
+                                     "domain, named as the vector names them.")
+        try:
+            return np.array([float(losses[d]) for d in self.domains], dtype=np.float64)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"domain losses must be numbers ({e}).") from None
+
     def _require_fingerprint(self, against: str) -> None:
         """Raise :class:`ProbeMismatchError` if this vector has no probe fingerprint to compare with probe
         ``against``'s: the one rule for unfingerprinted vectors, which everything that checks a probe follows."""
+        if self.domains is not None:
+            raise ProbeMismatchError(f"salience vector {self.task!r} is a domain vector over {list(self.domains)}, "
+                                     f"not a token vector of probe {against}; apply it to those domains' losses.")
         if not self.probe_fingerprint:
             raise ProbeMismatchError(
                 f"salience vector {self.task!r} has no probe fingerprint (it was fitted with probe=None), so nothing "
@@ -360,34 +421,42 @@ class SalienceVector:
             "fit_report": self.fit_report,
             "score_range": list(self.score_range),
         }
-        atomic_save({"weights": torch.from_numpy(self.weights)}, {"format": FORMAT, "json": json.dumps(meta)}, path)
+        fmt = FORMAT
+        if self.domains is not None:
+            meta["domains"], fmt = list(self.domains), DOMAIN_FORMAT
+        atomic_save({"weights": torch.from_numpy(self.weights)}, {"format": fmt, "json": json.dumps(meta)}, path)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> SalienceVector:
-        """Read a vector written by :meth:`save`, or by a version that wrote format 1 (no ``score_range``).
+        """Read a vector written by :meth:`save` (format 2, or 3 for a domain vector), or by a version that wrote
+        format 1 (no ``score_range``).
 
         Raises FileNotFoundError for a missing file and ValueError naming the file for anything else: not a
         safetensors file, another format, or a vector whose metadata or weights are malformed, including a link
         outside the vector's score range.
         """
-        fmt = _FORMAT_1 if _declared_format(path) == _FORMAT_1 else FORMAT
+        declared = _declared_format(path)
+        fmt = declared if declared in (_FORMAT_1, DOMAIN_FORMAT) else FORMAT
         tensors, raw = read_safetensors(path, fmt, ("weights",))
         with malformed_file(path, "salience vector", "re-fit or re-save it"):
             if "json" not in raw:
                 raise ValueError("its metadata has no 'json' entry")
             meta = parse_json(raw["json"], "its metadata")
-            _require_keys(meta, _META_KEYS_1 if fmt == _FORMAT_1 else _META_KEYS, "its metadata")
+            keys = {_FORMAT_1: _META_KEYS_1, DOMAIN_FORMAT: _META_KEYS_3}.get(fmt, _META_KEYS)
+            _require_keys(meta, keys, "its metadata")
             _require_keys(meta["link"], _LINK_KEYS, "its link")
             weights = tensors["weights"]
             if weights.dtype != torch.float64:  # save() writes float64; anything else was written by another tool
                 raise ValueError(f"the weights are {weights.dtype}, not torch.float64")
+            if "domains" in meta:
+                meta["domains"] = check_domain_names(meta["domains"], len(weights))
             return cls(weights=weights.numpy(), **{**meta, "link": SigmoidLink(**meta["link"])})
 
     def __repr__(self) -> str:
-        return (
-            f"SalienceVector(task={self.task!r}, metric={self.metric!r}, n_tokens={self.n_tokens}, "
-            f"probe={self.probe_fingerprint!r}, link={self.link}, score_range={self.score_range})"
-        )
+        over = f"domains={list(self.domains)}" if self.domains is not None else \
+            f"n_tokens={self.n_tokens}, probe={self.probe_fingerprint!r}"
+        return (f"SalienceVector(task={self.task!r}, metric={self.metric!r}, {over}, link={self.link}, "
+                f"score_range={self.score_range})")
 
 
 def check_level(level: Any, name: str = "level") -> float:
@@ -421,6 +490,20 @@ def _check_interval(stored: Any) -> None:
     if r is None or not np.isfinite(r).all() or (r < 0).any() or (np.diff(r) < 0).any():
         raise ValueError(f"fit_report['interval']['abs_residuals'] must be a non-empty, sorted list of finite numbers "
                          f">= 0; {fix}.")
+
+
+def check_domain_names(domains: Any, n: int) -> tuple[str, ...]:
+    """``domains`` as a tuple of ``n`` distinct non-empty str, or ValueError saying what is wrong."""
+    names = tuple(domains) if isinstance(domains, (list, tuple)) else None
+    if names is None or not all(isinstance(d, str) and d for d in names):
+        raise ValueError(f"domains must be a list of non-empty str (the validation sets' names), got {domains!r}.")
+    if len(names) != n:
+        raise ValueError(f"a domain vector has one weight per domain, but {n} weights and {len(names)} domains "
+                         f"{list(names)[:10]} were given.")
+    twice = sorted({d for d in names if names.count(d) > 1})
+    if twice:
+        raise ValueError(f"domain names must be distinct, but {twice} appear more than once.")
+    return names
 
 
 def _declared_format(path: str | os.PathLike) -> str | None:
