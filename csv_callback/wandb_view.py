@@ -36,10 +36,11 @@ if TYPE_CHECKING:
 __all__ = ["WandbExtras", "define_metrics", "log_predictions_table", "log_salience_views", "salience_html"]
 
 # ``name`` tells apart evaluations at one step (``step-N`` in training, ``eval-...`` of other weights after it);
-# ``pred_lo``/``pred_hi`` (the interval at the evaluator's interval_level) come last so that earlier columns keep
-# their positions. A custom chart over this table (x step, y pred with pred_lo..pred_hi as a band) shows each
-# prediction with its band over training.
-TABLE_COLUMNS = ["step", "task", "pred", "weighted_loss", "extrapolating", "name", "pred_lo", "pred_hi"]
+# ``pred_lo``/``pred_hi`` (the interval at the evaluator's interval_level) and the end-of-run forecast come last so
+# that earlier columns keep their positions. A custom chart over this table (x step, y pred with pred_lo..pred_hi,
+# or forecast with forecast_lo..forecast_hi, as a band) shows each prediction or forecast with its band over training.
+TABLE_COLUMNS = ["step", "task", "pred", "weighted_loss", "extrapolating", "name", "pred_lo", "pred_hi", "forecast",
+                 "forecast_lo", "forecast_hi"]
 
 
 def define_metrics(runs: Run | Sequence[Run], evaluator: SalienceEvaluator, step_metric: str | None = None) -> None:

@@ -161,24 +161,51 @@ def print_table(history: list[dict], measured: list[dict]) -> None:
           f"MSE {sum(e * e for e in err) / len(err):.2e}, MAE {sum(abs(e) for e in err) / len(err):.3f}")
 
 
+def print_forecast(history: list[dict], measured: list[dict]) -> None:
+    """One row per validation: each task's forecast of the final score made then, with its 80% interval, and the
+    final score lm-eval measured."""
+    rows = {(r["step"], r["task"]): r for r in history}
+    steps = sorted({step for step, _ in rows})
+    final = measured[-1]
+    print(f"\nforecast of the step-{final['step']} accuracy made at each validation [80% interval], and the final one:")
+    print(f"{'step':>6}" + "".join(f"{t.removeprefix('ladder_'):>22}" for t in TASKS))
+    for step in steps:
+        cells = (rows[step, t] for t in TASKS)
+        print(f"{step:>6}" + "".join(f"{r['forecast']:>9.3f} [{r['forecast_lo']:.2f}, {r['forecast_hi']:.2f}]"
+                                     for r in cells))
+    print(f"{'final':>6}" + "".join(f"{final[t]:>9.3f}{'(lm-eval)':>13}" for t in TASKS))
+
+
 def plot(history: list[dict], measured: list[dict], path: Path) -> Figure:
-    """Predicted accuracy over training (lines) and lm-eval's measurements (dots), per task; returns the figure."""
+    """Left: predicted accuracy over training (lines) and lm-eval's measurements (dots), per task. Right: the forecast
+    of the final accuracy made at each validation, its 80% band, and the final accuracy lm-eval measured (dashed).
+    Returns the figure."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, (ax, fc) = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     for t, colour in zip(TASKS, ("C0", "C1", "C2")):
         rows = [r for r in history if r["task"] == t]
-        ax.plot([r["step"] for r in rows], [r["pred"] for r in rows], color=colour, label=f"{t}: predicted")
+        steps = [r["step"] for r in rows]
+        ax.plot(steps, [r["pred"] for r in rows], color=colour, label=f"{t}: predicted")
         ax.scatter([r["step"] for r in measured], [r[t] for r in measured], color=colour, marker="o", s=30,
                    edgecolor="k", zorder=3, label=f"{t}: lm-eval")
-    ax.axhline(0.25, color="grey", lw=0.8, ls=":")
-    ax.set(xlabel="training step", ylabel="accuracy", ylim=(0, 1),
+        fc.plot(steps, [r["forecast"] for r in rows], color=colour, marker=".", label=f"{t}: forecast")
+        fc.fill_between(steps, [r["forecast_lo"] for r in rows], [r["forecast_hi"] for r in rows], color=colour,
+                        alpha=0.15, lw=0)
+        fc.axhline(measured[-1][t], color=colour, lw=1, ls="--")
+    for a in (ax, fc):
+        a.axhline(0.25, color="grey", lw=0.8, ls=":")
+        a.set(xlabel="training step", ylim=(0, 1))
+    ax.set(ylabel="accuracy",
            title=f"Predicted vs lm-eval-harness accuracy on an unseen mixture:\n{describe(DEMO_MIXTURE)}")
-    ax.title.set_fontsize(9)
-    ax.legend(fontsize=7, ncol=2)
+    fc.set(title=f"Forecast of the step-{measured[-1]['step']} accuracy made at each validation\n(80% band; "
+                 "dashed: what lm-eval measured there)")
+    for a in (ax, fc):
+        a.title.set_fontsize(9)
+        a.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -233,6 +260,7 @@ def main(argv: list[str] | None = None) -> dict:
     trainer.fit(module)
 
     print_table(predict.history, measure.rows)
+    print_forecast(predict.history, measure.rows)
     plot(predict.history, measure.rows, args.out / "pred_vs_lmeval.png")
     where = logger.log_dir if args.no_wandb else logger.experiment.dir
     if not args.no_wandb:

@@ -61,7 +61,8 @@ def test_predictions_table_holds_the_whole_series(wandb_run):
     assert len(tables) == 3  # one per validation, each sharing the row of that validation's scalars
     assert all("csv/plumb/pred" in row for row in tables)
     last = json.loads((Path(run_dir) / "files" / tables[-1]["csv/predictions.path"]).read_text())
-    assert last["columns"] == ["step", "task", "pred", "weighted_loss", "extrapolating", "name", "pred_lo", "pred_hi"]
+    assert last["columns"] == ["step", "task", "pred", "weighted_loss", "extrapolating", "name", "pred_lo", "pred_hi",
+                               "forecast", "forecast_lo", "forecast_hi"]
     assert [row[0] for row in last["data"]] == [2, 4, 6]
     assert [row[5] for row in last["data"]] == ["step-000000002", "step-000000004", "step-000000006"]
     assert [row[2] for row in last["data"]] == pytest.approx([r["pred"] for r in cb.history])

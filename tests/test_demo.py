@@ -54,6 +54,9 @@ def test_demo_predicts_every_validation_and_measures_with_lm_eval(demo):
     history, measured = result["history"], result["measured"]
     assert sorted({(r["step"], r["task"]) for r in history}) == [(s, t) for s in (20, 40, 60) for t in sorted(TASKS)]
     assert all(0.0 <= r["pred"] <= 1.0 for r in history)
+    # The forecast of the final score at every validation, inside its interval; the last one is made at the end.
+    assert all(0.0 <= r["forecast_lo"] <= r["forecast"] <= r["forecast_hi"] <= 1.0 for r in history)
+    assert all(r["forecast"] == r["pred"] for r in history if r["step"] == 60)
     # lm-eval ran at the 2nd validation and at the last one, on all three tasks.
     assert [r["step"] for r in measured] == [40, 60]
     assert all(0.0 <= r[t] <= 1.0 for r in measured for t in TASKS)
@@ -84,8 +87,14 @@ def test_demo_png_title_names_the_mixture_in_words(demo, tmp_path):
     import train_tiny_lm
 
     _, result = demo
-    title = train_tiny_lm.plot(result["history"], result["measured"], tmp_path / "plot.png").axes[0].get_title()
+    figure = train_tiny_lm.plot(result["history"], result["measured"], tmp_path / "plot.png")
+    title = figure.axes[0].get_title()
     assert "{" not in title and "facts 15%, arith 25%, pattern 6%, general text 54% of the training lines" in title
+    # The forecast panel: one band per task, and the final accuracy lm-eval measured as a line.
+    from matplotlib.collections import PolyCollection
+
+    bands = [c for c in figure.axes[1].collections if isinstance(c, PolyCollection)]
+    assert len(bands) == len(TASKS) and "step-60" in figure.axes[1].get_title()
 
 
 def test_demo_console_is_progress_lines_and_the_table_and_a_rerun_starts_over(demo):
@@ -106,6 +115,12 @@ def test_demo_console_is_progress_lines_and_the_table_and_a_rerun_starts_over(de
     header = ["step"] + [word for task in ("facts", "arith", "pattern") for word in (task, "pred", "lm-eval")]
     assert lines[7].split() == header
     assert [line.split()[0] for line in lines[8:11]] == ["20", "40", "60"]
-    assert lines[11].startswith("prediction vs lm-eval over 2 evaluations") and lines[12].startswith("done in ")
-    assert len(lines) == 13, run.stdout
+    assert lines[11].startswith("prediction vs lm-eval over 2 evaluations")
+    assert lines[12].startswith("forecast of the step-60 accuracy made at each validation")
+    assert lines[13].split() == ["step", "facts", "arith", "pattern"]
+    for line, step in zip(lines[14:17], (20, 40, 60)):
+        assert re.fullmatch(rf" +{step}" + r"( +0\.\d{3} \[[01]\.\d\d, [01]\.\d\d\]){3}", line), line
+    assert re.fullmatch(r" +final( +[01]\.\d{3} +\(lm-eval\)){3}", lines[17]), lines[17]
+    assert lines[18].startswith("done in ")
+    assert len(lines) == 19, run.stdout
     assert len(list((out / "probe_losses" / "losses").glob("*.safetensors"))) == 3

@@ -73,7 +73,8 @@ def test_hf_run_holds_the_predictions_table_and_one_salience_view(hf_wandb_run):
     tables = [row for row in rows if "csv/predictions.path" in row]
     assert len(tables) == 3 and all(f"eval/csv/{TASK}/pred" in row for row in tables)
     last = json.loads((run_dir / "files" / tables[-1]["csv/predictions.path"]).read_text())
-    assert last["columns"] == ["step", "task", "pred", "weighted_loss", "extrapolating", "name", "pred_lo", "pred_hi"]
+    assert last["columns"] == ["step", "task", "pred", "weighted_loss", "extrapolating", "name", "pred_lo", "pred_hi",
+                               "forecast", "forecast_lo", "forecast_hi"]
     assert [(row[0], row[5]) for row in last["data"]] == [(2, "step-000000002"), (4, "step-000000004")]
     assert {row[5]: row[2] for row in last["data"]} == {r["name"]: pytest.approx(r["pred"]) for r in cb.history}
     views = [row[f"csv/{TASK}/salience.path"] for row in rows if f"csv/{TASK}/salience.path" in row]
