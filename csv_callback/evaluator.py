@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .forecast import MIN_POINTS, forecast_score
+from .forecast import running_forecast
 from .losses import token_losses
 from .probe import ProbeMismatchError, ProbeSet
 from .salience import SalienceVector, check_level
@@ -431,36 +431,20 @@ class SalienceEvaluator:
 
     def _forecast(self, vector: SalienceVector, row: dict[str, Any], end: float) -> tuple[float, float, float]:
         """``(forecast, lo, hi)`` of ``vector``'s score at step ``end`` from this run's training history up to
-        ``row`` (this evaluation's, already in the history); the rules are in the class docstring."""
-        if not math.isfinite(row["weighted_loss"]):
-            return math.nan, math.nan, math.nan
-        if row["step"] >= end:
-            return row["pred"], *self._or_link_range(vector, row["pred_lo"], row["pred_hi"])
-        points = sorted((r["step"], r["weighted_loss"]) for r in self.history
-                        if r["task"] == vector.task and r["name"].startswith("step-") and 0 < r["step"] <= row["step"]
-                        and r["weighted_loss"] is not None and math.isfinite(r["weighted_loss"]))
-        if len(points) < MIN_POINTS:
-            return row["pred"], *self._or_link_range(vector, None, None)
+        ``row`` (this evaluation's, already in the history, so the last by step); the rules are in the class
+        docstring (:func:`~csv_callback.forecast.running_forecast`)."""
+        points = sorted((r["step"], math.nan if r["weighted_loss"] is None else r["weighted_loss"])
+                        for r in self.history
+                        if r["task"] == vector.task and r["name"].startswith("step-") and r["step"] <= row["step"])
         x, wl = zip(*points)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            pred, lo, hi = forecast_score(x, wl, end, vector, self.interval_level)
+            forecast = running_forecast(x, wl, end, vector, self.interval_level)
         for w in caught:  # e.g. a prior that starts later than this run's first validations: once per message
             if (vector.task, str(w.message)) not in self._warned:
                 self._warned.add((vector.task, str(w.message)))
                 warnings.warn(f"{self.owner}: forecast of {vector.task!r}: {w.message}", w.category, stacklevel=4)
-        return pred, *self._or_link_range(vector, lo, hi)
-
-    @staticmethod
-    def _or_link_range(vector: SalienceVector, lo: float | None, hi: float | None) -> tuple[float, float]:
-        """``(lo, hi)``, each replaced by the end of what ``vector``'s link can give (within its score range) where
-        it is missing or not finite: a monitor must stay finite, and that range is what is known then."""
-        a, b = vector.score_range
-        low, high = min(max(vector.link.lo, a), b), min(max(vector.link.hi, a), b)
-        def known(v: float | None) -> bool:
-            return v is not None and math.isfinite(v)
-
-        return (lo if known(lo) else low, hi if known(hi) else high)
+        return forecast
 
     def _losses(
         self, model: nn.Module, probe: ProbeSet, step: int, training: bool, sharding: Sharding | None

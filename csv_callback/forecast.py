@@ -233,6 +233,63 @@ def forecast_score(
     return pred, float(np.clip(pred - down, a, b)), float(np.clip(pred + up, a, b))
 
 
+def running_forecast(
+    x: Any, weighted_losses: Any, x_end: Any, vector: SalienceVector, level: float = 0.8
+) -> tuple[float, float, float]:
+    """``(forecast, lo, hi)``: what a run reports at its latest validation about its score at ``x_end``, the
+    ``csv/<task>/forecast`` the callbacks log and ``csv-callback forecast`` prints.
+
+    Args:
+        x: ``[n]`` training positions (steps or tokens) of the run's validations so far, strictly increasing; the
+            last is the latest. Positions <= 0 (before training) are no history to forecast from.
+        weighted_losses: ``[n]`` the vector's weighted loss at each; NaN where it could not be computed (such a
+            validation is no history either).
+        x_end: where the run ends, a positive number in ``x``'s unit.
+        vector, level: as for :func:`forecast_score`.
+
+    The rules, in order: a latest weighted loss that is not finite gives NaN for all three; at or after ``x_end``,
+    the prediction now and its interval; with fewer than ``MIN_POINTS`` validations at ``x > 0`` with a finite
+    loss, the prediction now and everything the link can give (nothing is known yet about the end); else
+    :func:`forecast_score`. A bound the vector cannot give (no stored residuals) is the end of its link's range
+    (within its score range), so all three are finite for a finite latest loss: a monitor can watch them.
+    """
+    try:
+        x = np.asarray(x, dtype=np.float64)
+        wl = np.asarray(weighted_losses, dtype=np.float64)
+    except (TypeError, ValueError) as e:  # strings, ragged input
+        raise ValueError(f"x and weighted_losses must be 1-D arrays of numbers ({e}).") from None
+    if x.ndim != 1 or wl.shape != x.shape or not len(x):
+        raise ValueError(f"x and weighted_losses must be 1-D and of one length >= 1 (one position and loss per "
+                         f"validation so far), got shapes {x.shape} and {wl.shape}.")
+    if not np.isfinite(x).all() or (np.diff(x) <= 0).any():
+        raise ValueError(f"x must be finite and strictly increasing (the positions of successive validations), got "
+                         f"{x.tolist()[:10]}.")
+    if not isinstance(x_end, (int, float, np.integer, np.floating)) or isinstance(x_end, bool) \
+            or not math.isfinite(float(x_end)) or not float(x_end) > 0:
+        raise ValueError(f"x_end must be a positive finite number, the position where the run ends, got {x_end!r}.")
+    if not isinstance(vector, SalienceVector):
+        raise ValueError(f"vector must be a SalienceVector, got {type(vector).__name__}.")
+    level = check_level(level)
+    if not math.isfinite(wl[-1]):
+        return math.nan, math.nan, math.nan
+    pred = float(vector.link(wl[-1]))
+    if x[-1] >= x_end:
+        return pred, *_or_link_range(vector, *vector.interval(wl[-1], level))
+    seen = (x > 0) & np.isfinite(wl)
+    if seen.sum() < MIN_POINTS:
+        return pred, *_or_link_range(vector, math.nan, math.nan)
+    pred, lo, hi = forecast_score(x[seen], wl[seen], float(x_end), vector, level)
+    return pred, *_or_link_range(vector, lo, hi)
+
+
+def _or_link_range(vector: SalienceVector, lo: float, hi: float) -> tuple[float, float]:
+    """``(lo, hi)``, each replaced by the end of what ``vector``'s link can give (within its score range) where it
+    is not finite: a monitor must stay finite, and that range is what is known then."""
+    a, b = vector.score_range
+    low, high = min(max(vector.link.lo, a), b), min(max(vector.link.hi, a), b)
+    return (float(lo) if math.isfinite(lo) else low, float(hi) if math.isfinite(hi) else high)
+
+
 def _check_prior(prior: Any) -> None:
     """Raise ValueError unless ``prior`` has the shape :func:`trajectory_prior` returns."""
     fix = "build it with trajectory_prior(vector, losses, steps, groups, end_steps)"
