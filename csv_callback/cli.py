@@ -6,6 +6,7 @@ Typical session::
     csv-callback collect runs/*/checkpoint-* --probe probe.safetensors --out losses/ --name-parts 2
     csv-callback fit losses/ --task arc_easy --lmeval lm_eval_out/ --groups 're:^([^/]+)/' --out arc_easy.safetensors
     csv-callback predict losses/ arc_easy.safetensors
+    csv-callback forecast run1/probe_losses/ arc_easy.safetensors --end 20000
     csv-callback report arc_easy.safetensors --losses losses/ --tokenizer ./tok --out report/
 """
 
@@ -17,13 +18,16 @@ import os
 import re
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .fit import PRIORS
+from .forecast import PRIOR_KEY, running_forecast
 from .probe import ProbeMismatchError, ProbeSet
 from .salience import SalienceVector, check_level
 from .store import LossStore, LossTable, load_losses
@@ -130,6 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--score-range", nargs=2, type=float, metavar=("LO", "HI"), default=None,
                    help="the scores the metric can take, e.g. '0 100' for percentages; it bounds the link. Default: "
                    "0 1 for --metric acc or when every score lies in [0, 1], else unbounded")
+    s.add_argument("--trajectory-prior", action="store_true",
+                   help="also store in the vector how its fitting runs moved to their end, for the end-of-run "
+                   "forecast (the callbacks' csv/<task>/forecast, csv-callback forecast): each store must be one "
+                   "complete run (a training run's save_dir), its last step the run's end; needs >= 2 stores")
     s.set_defaults(func=cmd_fit)
 
     s = sub.add_parser("predict", help="apply salience vectors to collected losses",
@@ -141,6 +149,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--level", type=float, default=0.8,
                    help="coverage of the interval in the JSON records, in (0, 1) (default 0.8)")
     s.set_defaults(func=cmd_predict)
+
+    s = sub.add_parser("forecast", help="the end-of-run forecast at each training evaluation of a stored run",
+                       description="For each training evaluation of one run's loss store (its save_dir: "
+                       "checkpoints named step-<N>, steps > 0, in step order) and each vector, the score forecast at "
+                       "step --end from the evaluations up to it, as the callbacks log it live (csv/<task>/forecast, "
+                       "forecast_lo, forecast_hi): before the third evaluation the prediction now with everything the "
+                       "link can give as interval, then the forecast from the run's own trend and the vector's "
+                       "trajectory prior (fit --trajectory-prior), and at or after --end the prediction now with its "
+                       "interval.")
+    s.add_argument("losses", help="loss store directory of one training run (SalienceCallback(save_dir=...))")
+    s.add_argument("vectors", nargs="+", help="salience vector .safetensors files")
+    s.add_argument("--end", type=int, required=True, metavar="STEP",
+                   help="the training step whose score is forecast, e.g. the run's max_steps")
+    s.add_argument("--level", type=float, default=0.8, help="coverage of the forecast's interval, in (0, 1) "
+                   "(default 0.8)")
+    s.add_argument("--json", action="store_true", help="print JSON records instead of a table")
+    s.set_defaults(func=cmd_forecast)
 
     s = sub.add_parser("report", help="HTML page + PNGs: cross-validation, fitted link, token salience",
                        description="Write DIR/index.html (self-contained) and PNGs for a fitted vector: predicted vs "
@@ -254,20 +279,22 @@ def cmd_fit(args: argparse.Namespace) -> int:
         if target == (root / "probe.safetensors").resolve() or (root / "losses").resolve() in target.parents:
             raise ValueError(f"--out {args.out} is a file of the loss store {root}, which a vector would break; write "
                              f"it elsewhere, e.g. {root / (args.task + '.safetensors')}.")
+    if args.trajectory_prior and len(args.losses) < 2:
+        raise ValueError("--trajectory-prior learns how runs move to their end from several complete runs: pass at "
+                         "least two loss stores (one save_dir per run).")
     out = _output_file(args.out, args.force)
-    with warnings.catch_warnings(record=True) as notes:
-        warnings.simplefilter("always")
+    with _notes():
         sv = fit_from_store(args.losses, args.task, lmeval=args.lmeval, scores=args.scores, metric=args.metric,
                             filter=args.filter, mapping=args.mapping, score_column=args.score_column,
-                            groups=args.groups, n_folds=args.folds, seed=args.seed, priors=args.priors,
-                            anchor=args.anchor, score_range=args.score_range)
-    for note in notes:
-        print(f"note: {note.message}", file=sys.stderr)
+                            groups=args.groups, trajectory=args.trajectory_prior, n_folds=args.folds, seed=args.seed,
+                            priors=args.priors, anchor=args.anchor, score_range=args.score_range)
     out.parent.mkdir(parents=True, exist_ok=True)
     sv.save(out)
+    prior = sv.fit_report.get(PRIOR_KEY)
     print(f"{out}: {args.task} {args.metric} from {sv.fit_report['n_checkpoints']} checkpoints, probe "
           f"{sv.probe_fingerprint}, prior {sv.fit_report['prior']}, lambda {sv.fit_report['lam']:.3g}, "
-          f"{sv.fit_report['effective_tokens']:.0f} effective tokens of {sv.n_tokens}")
+          f"{sv.fit_report['effective_tokens']:.0f} effective tokens of {sv.n_tokens}"
+          + (f", trajectory prior of {len(prior['runs'])} runs" if prior else ""))
     print(format_cv_table(sv.fit_report))
     return 0
 
@@ -289,10 +316,7 @@ def format_cv_table(report: dict[str, Any]) -> str:
 
 # ---------------------------------------------------------------------- predict
 def cmd_predict(args: argparse.Namespace) -> int:
-    twice = sorted({v for v in args.vectors if args.vectors.count(v) > 1})
-    if twice:
-        raise ValueError(f"vector {twice[0]} is given twice; name each vector once.")
-    vectors = {v: SalienceVector.load(v) for v in args.vectors}
+    vectors = _load_vectors(args.vectors)
     table = load_losses(args.losses)
     records = predictions(table, vectors, args.level)
     if args.json:
@@ -347,6 +371,95 @@ def predictions(table: LossTable, vectors: dict[str, SalienceVector], level: flo
 def _no_nan(x: float) -> float | None:
     """``x``, or None (JSON null, not the non-standard NaN) for a vector without an interval."""
     return None if np.isnan(x) else float(x)
+
+
+# ---------------------------------------------------------------------- forecast
+def cmd_forecast(args: argparse.Namespace) -> int:
+    if args.end < 1:
+        raise ValueError(f"--end must be a positive training step (the run's planned end), got {args.end}.")
+    vectors = _load_vectors(args.vectors)
+    table = load_losses(args.losses)
+    for path, sv in vectors.items():
+        if PRIOR_KEY not in sv.fit_report:
+            print(f"note: {path} carries no trajectory prior, so its forecasts follow the run's own trend alone; fit "
+                  "it with --trajectory-prior on complete runs of the same schedule.", file=sys.stderr)
+    with _notes():
+        records = forecasts(table, vectors, args.end, args.level)
+    if args.json:
+        print(json.dumps(records, indent=1))
+        return 0
+    labels = _column_labels(vectors)
+    widths = [max(10, len(label)) for label in labels]
+    print(f"score at step {args.end} forecast at each training evaluation (now: the prediction at that step; lo, hi: "
+          f"the {args.level:g} interval)")
+    header = "".join(f"  {label:>{w}}  {'now':>7}  {'lo':>7}  {'hi':>7}" for label, w in zip(labels, widths))
+    print(f"{'checkpoint':<32}{'step':>8}{header}")
+    per_row = len(vectors)
+    for i in range(0, len(records), per_row):
+        row = records[i:i + per_row]
+        cells = "".join(f"  {r['forecast']:>{w}.4f}  {r['pred']:>7.4f}  {r['forecast_lo']:>7.4f}  "
+                        f"{r['forecast_hi']:>7.4f}" for r, w in zip(row, widths))
+        print(f"{row[0]['checkpoint'][:31]:<32}{row[0]['step']:>8}{cells}")
+    return 0
+
+
+def forecasts(
+    table: LossTable, vectors: dict[str, SalienceVector], end: int, level: float = 0.8
+) -> list[dict[str, Any]]:
+    """One record per (training evaluation, vector), in step order: the :func:`predictions` record of the evaluation
+    plus ``end_step`` and ``forecast``, ``forecast_lo``, ``forecast_hi`` (the callbacks' metrics): the score at step
+    ``end`` forecast from the evaluations up to it (:func:`~csv_callback.forecast.running_forecast`).
+
+    The training evaluations of ``table`` (one run's store) are its checkpoints named ``step-<N>`` at steps > 0, as
+    the callbacks save them; ``end`` must lie beyond the first of them."""
+    training = [i for i, name in enumerate(table.names) if name.startswith("step-") and table.steps[i] != 0]
+    unknown = [table.names[i] for i in training if table.steps[i] < 0]
+    if unknown:
+        raise ValueError(f"checkpoint(s) {unknown[:5]} record no training step (-1), so where they lie in the run is "
+                         "unknown; forecast reads a training run's save_dir, whose evaluations record their step.")
+    if not training:
+        raise ValueError(f"the store holds no training evaluations (checkpoints named step-<N> at steps > 0, as "
+                         f"SalienceCallback(save_dir=...) saves them), only {table.names[:5]}; pass one training "
+                         "run's save_dir.")
+    steps = table.steps[training]
+    if (np.diff(steps) == 0).any():
+        at = int(steps[1:][np.diff(steps) == 0][0])
+        names = [table.names[i] for i in training if table.steps[i] == at]
+        raise ValueError(f"several checkpoints record step {at} ({names}); one run evaluates each step once: pass one "
+                         "run's save_dir.")
+    first = int(steps[0])
+    if not isinstance(end, int) or isinstance(end, bool) or end <= first:
+        raise ValueError(f"--end must be a training step beyond the run's first evaluation (step {first}), the step "
+                         f"whose score is forecast, got {end!r}.")
+    run = replace(table, losses=table.losses[training], names=[table.names[i] for i in training],
+                  steps=steps, tokens_seen=table.tokens_seen[training],
+                  extra=[table.extra[i] for i in training] if table.extra else [])
+    records = predictions(run, vectors, level)
+    per_vector = [[r["weighted_loss"] for r in records[k::len(vectors)]] for k in range(len(vectors))]
+    for j, r in enumerate(records):
+        k, i = j % len(vectors), j // len(vectors)
+        forecast = running_forecast(run.steps[: i + 1], per_vector[k][: i + 1], end, vectors[r["vector"]], level)
+        r.update(end_step=end, **dict(zip(("forecast", "forecast_lo", "forecast_hi"), map(_no_nan, forecast))))
+    return records
+
+
+def _load_vectors(paths: list[str]) -> dict[str, SalienceVector]:
+    """The vectors of ``paths``, keyed by their file; a file given twice is an error."""
+    twice = sorted({v for v in paths if paths.count(v) > 1})
+    if twice:
+        raise ValueError(f"vector {twice[0]} is given twice; name each vector once.")
+    return {v: SalienceVector.load(v) for v in paths}
+
+
+@contextmanager
+def _notes() -> Iterator[None]:
+    """Print the warnings raised inside as ``note: ...`` lines on stderr, once each: a command's output is its
+    table, and what it noticed on the way goes beside it."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    for message in dict.fromkeys(str(w.message) for w in caught):
+        print(f"note: {message}", file=sys.stderr)
 
 
 # ---------------------------------------------------------------------- report
