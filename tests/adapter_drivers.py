@@ -114,7 +114,8 @@ class Driver:
         return self.adapter(vectors, probe, **kw)
 
     def train(self, tmp: Path, callback: Any, steps: int = 4, lr: float = 3e-3, poison_at: int | None = None,
-              watch: Callable[[torch.nn.Module], None] | None = None, ddp: bool = False) -> Run:
+              watch: Callable[[torch.nn.Module], None] | None = None, ddp: bool = False,
+              epochs: int | None = None) -> Run:
         """Train ``steps`` steps (batches of 8 blocks of 32 tokens) with ``callback``, evaluating every 2 steps.
 
         Args:
@@ -123,6 +124,8 @@ class Driver:
             poison_at: from this step on the model's final layer norm is NaN (a diverged run).
             watch: called with the GPT-2 when training begins, after the adapter's checks (to hook it).
             ddp: run as one of 2 CPU ranks (gloo), in a process started by :func:`ddp_command`.
+            epochs: train this many epochs of the 8 training batches instead, with no ``max_steps`` set (the
+                planned end is then ``epochs * 8`` steps).
         """
         raise NotImplementedError
 
@@ -138,7 +141,7 @@ class LightningDriver(Driver):
 
     def train(self, tmp: Path, callback: SalienceCallback, steps: int = 4, lr: float = 3e-3,
               poison_at: int | None = None, watch: Callable[[torch.nn.Module], None] | None = None,
-              ddp: bool = False) -> Run:
+              ddp: bool = False, epochs: int | None = None) -> Run:
         module = H.TinyLM(lr=lr)
         poison = Poison(poison_at)
         seen: dict[int, dict[str, float]] = {}
@@ -159,8 +162,8 @@ class LightningDriver(Driver):
                 poison(pl_module.model, trainer.global_step)
 
         kw = {"strategy": "ddp", "devices": 2, "logger": False} if ddp else {}
-        t = H.trainer(tmp, [callback, Record()], max_steps=steps, val_every=EVAL_EVERY, enable_checkpointing=False,
-                      **kw)
+        kw |= {"max_steps": -1, "max_epochs": epochs} if epochs else {"max_steps": steps}
+        t = H.trainer(tmp, [callback, Record()], val_every=EVAL_EVERY, enable_checkpointing=False, **kw)
         try:
             t.fit(module, *H.loaders())
         finally:
@@ -189,7 +192,7 @@ class HFDriver(Driver):
 
     def train(self, tmp: Path, callback: SalienceTrainerCallback, steps: int = 4, lr: float = 3e-3,
               poison_at: int | None = None, watch: Callable[[torch.nn.Module], None] | None = None,
-              ddp: bool = False) -> Run:
+              ddp: bool = False, epochs: int | None = None) -> Run:
         model = H.TinyLM(lr=lr).model  # the same GPT-2 the Lightning driver trains, dropout off
         poison = Poison(poison_at)
 
@@ -204,10 +207,11 @@ class HFDriver(Driver):
 
         train, val = H.loaders()
         args = TrainingArguments(
-            output_dir=str(tmp / "out"), max_steps=steps, per_device_train_batch_size=train.batch_size,
+            output_dir=str(tmp / "out"), per_device_train_batch_size=train.batch_size,
             per_device_eval_batch_size=val.batch_size, learning_rate=lr, eval_strategy="steps", eval_steps=EVAL_EVERY,
             save_strategy="no", logging_strategy="no", report_to="none", use_cpu=True, seed=0, disable_tqdm=True,
             **({"ddp_backend": "gloo"} if ddp else {}),
+            **({"max_steps": -1, "num_train_epochs": epochs} if epochs else {"max_steps": steps}),
         )
         trainer = Trainer(model=model, args=args, train_dataset=_Blocks(train), eval_dataset=_Blocks(val),
                           processing_class=H.tokenizer(), callbacks=[callback, Hooks()])
