@@ -42,8 +42,9 @@ def probe() -> ProbeSet:
 
 
 def names(prefix: str, tasks: list[str], mean_losses: list[str]) -> set[str]:
-    """The metric names of one evaluation predicting ``tasks``, with the probe mean loss names ``mean_losses``."""
-    kinds = ("pred", "pred_lo", "pred_hi", "weighted_loss", "extrapolating")
+    """The metric names of one training evaluation predicting ``tasks`` (so with the forecast of the run's planned
+    end), with the probe mean loss names ``mean_losses``."""
+    kinds = ("pred", "pred_lo", "pred_hi", "weighted_loss", "extrapolating", "forecast", "forecast_lo", "forecast_hi")
     per_task = {f"{prefix}/{t}/{m}" for t in tasks for m in kinds}
     return per_task | set(mean_losses) | {f"{prefix}/nonfinite_losses", f"{prefix}/eval_seconds"}
 
