@@ -80,12 +80,33 @@ def _read_losses(path: Path) -> tuple[list[int | None], np.ndarray]:
     return steps, np.array([[float(r[column(d)]) for d in DOMAINS] for r in rows], dtype=np.float64)
 
 
+def step2_points(values: Any, step2: dict[str, Any]) -> np.ndarray:
+    """``values`` ``[1566, ...]``, one row per ladder checkpoint in ``step2["checkpoints"]``'s order, turned into the
+    ``[1401, ...]`` fitted points by step 2's rule: per run, drop the first ``ceil(0.1 n)`` checkpoints (step2.json's
+    ``kept_for_fit``), then the trailing mean over up to 5 kept checkpoints."""
+    prep = step2["preprocessing"]
+    values = np.asarray(values, dtype=np.float64)
+    checkpoints = step2["checkpoints"]
+    if len(values) != len(checkpoints):
+        raise ValueError(f"values has {len(values)} rows but step2.json has {len(checkpoints)} ladder checkpoints; "
+                         "pass one row per checkpoint, in its order.")
+    runs = [(c[0], c[1]) for c in checkpoints]
+    points = []
+    for run in dict.fromkeys(runs):
+        at = np.flatnonzero([r == run for r in runs])
+        kept = np.array([checkpoints[i][4] for i in at])
+        if (kept != (np.arange(len(at)) >= math.ceil(prep["skip_first_fraction"] * len(at)))).any():
+            raise ValueError(f"run {run}: step2.json's kept_for_fit is not 'all but the first 10%' of its checkpoints.")
+        points.append(trailing_mean(values[at[kept]], int(prep["moving_average_window"])))
+    return np.concatenate(points)
+
+
 def load(data_dir: str | Path = DEFAULT_DATA) -> dict[str, Any]:
     """The ladder points and targets, with domain losses.
 
     Returns ``{"X": [1401, 11] smoothed ladder domain losses, "sizes": [1401] model size per point,
-    "runs": [1401] run ("190M-1xC", ...), "targets": {target: [11] losses}, "tasks": step2.json's tasks,
-    "published": {"bpb"|"c4": {task: 13B predicted accuracy}}}``.
+    "runs": [1401] run ("190M-1xC", ...), "targets": {target: [11] losses}, "step2": step2.json,
+    "tasks": its tasks, "published": {"bpb"|"c4": {task: 13B predicted accuracy}}}``.
     """
     data_dir = Path(data_dir)
     step2_path = data_dir / "step2.json"
@@ -95,27 +116,20 @@ def load(data_dir: str | Path = DEFAULT_DATA) -> dict[str, Any]:
     prep = step2["preprocessing"]
     window = int(prep["moving_average_window"])
     checkpoints = step2["checkpoints"]
-    X, sizes, runs, keep_all = [], [], [], []
-    at = 0
+    raw = []
     for name in prep["ladder_files"]:
         steps, losses = _read_losses(data_dir / "ladder-runs" / name)
-        rows = checkpoints[at:at + len(steps)]
-        at += len(steps)
-        if [r[2] for r in rows] != steps:
+        if [c[2] for c in checkpoints[len(raw):len(raw) + len(steps)]] != steps:
             raise ValueError(f"{name}: its steps differ from step2.json's checkpoints; the two files are not one "
                              "snapshot of the data.")
-        # Step 2's rule: drop the first ceil(0.1 n) checkpoints (step2.json's kept_for_fit), then smooth what is kept.
-        kept = np.array([r[4] for r in rows])
-        if (kept != (np.arange(len(rows)) >= math.ceil(prep["skip_first_fraction"] * len(rows)))).any():
-            raise ValueError(f"{name}: step2.json's kept_for_fit is not 'all but the first 10%' of its checkpoints.")
-        X.append(trailing_mean(losses[kept], window))
-        sizes += [rows[0][0]] * int(kept.sum())
-        runs += [f"{rows[0][0]}-{rows[0][1]}"] * int(kept.sum())
-        keep_all.append(kept)
-    X = np.concatenate(X)
+        raw += list(losses)
+    X = step2_points(raw, step2)
+    kept = [c for c in checkpoints if c[4]]
+    sizes = [c[0] for c in kept]
+    runs = [f"{c[0]}-{c[1]}" for c in kept]
     tasks = step2["tasks"]
     for key, task in tasks.items():
-        if len(task["ladder_points"]) != len(X) or [p[0] for p in task["ladder_points"]] != sizes:
+        if [p[:3] for p in task["ladder_points"]] != [c[:3] for c in kept]:
             raise ValueError(f"task {key}: step2.json's ladder points do not line up with the kept checkpoints.")
     targets = {}
     for target, name in prep["target_files"].items():
@@ -127,7 +141,8 @@ def load(data_dir: str | Path = DEFAULT_DATA) -> dict[str, Any]:
     for what, name in PUBLISHED.items():
         with (data_dir / "published" / name).open(newline="") as f:
             published[what] = {paper_keys[r["Task"]]: float(r["Pred"]) for r in csv.DictReader(f)}
-    return {"X": X, "sizes": sizes, "runs": runs, "targets": targets, "tasks": tasks, "published": published}
+    return {"X": X, "sizes": sizes, "runs": runs, "targets": targets, "step2": step2, "tasks": tasks,
+            "published": published}
 
 
 def fit_task(X: np.ndarray, y: np.ndarray, sizes: list[str], task: str) -> dict[str, Any]:
