@@ -43,7 +43,7 @@ class SalienceCallback(EvaluatorViews, Callback):
             (and logs the probe's mean loss), before any vector exists.
         probe: the :class:`ProbeSet` (or path to one) the vectors were fitted on; a sequence of probes when
             the vectors use several. Each vector is matched to the probe with its fingerprint, and each probe
-            is run once per validation, shared by all of its vectors.
+            is run once per validation, shared by all of its vectors. None when every vector is a domain vector.
         batch_size: probe sequences per forward pass.
         save_dir: if given, the per-token losses of every evaluated checkpoint are stored there with
             :class:`~csv_callback.store.LossStore` (one file per step of ``fit``, named
@@ -68,6 +68,9 @@ class SalienceCallback(EvaluatorViews, Callback):
         forecast_step: the global step whose score ``csv/<task>/forecast`` forecasts; None: the run's planned end,
             ``trainer.estimated_stepping_batches`` (``max_steps``, or ``max_epochs`` times the optimizer steps per
             epoch, whichever ends training first).
+        domain_metrics: for domain vectors, domain name -> the metric the LightningModule logs as that domain's
+            validation loss (e.g. ``{"c4": "val/c4/loss"}``, logged in ``validation_step``); their predictions
+            are made from ``trainer.callback_metrics`` at the end of each validation, with no forward pass.
 
     Logged after every validation of ``trainer.fit`` (not the sanity check) and on ``trainer.validate``:
     ``csv/<task>/pred``, ``csv/<task>/pred_lo`` and ``csv/<task>/pred_hi`` (its interval at ``interval_level``,
@@ -116,7 +119,7 @@ class SalienceCallback(EvaluatorViews, Callback):
     def __init__(
         self,
         vectors: list[SalienceVector | PathLike] | SalienceVector | PathLike | None,
-        probe: list[ProbeSet | PathLike] | ProbeSet | PathLike,
+        probe: list[ProbeSet | PathLike] | ProbeSet | PathLike | None = None,
         batch_size: int = 8,
         save_dir: PathLike | None = None,
         model_attr: str | None = None,
@@ -126,6 +129,7 @@ class SalienceCallback(EvaluatorViews, Callback):
         wandb_extras: bool = True,
         interval_level: float = 0.8,
         forecast_step: int | None = None,
+        domain_metrics: dict[str, str] | None = None,
     ) -> None:
         for name, attr in (
             ("model_attr", model_attr),
@@ -135,7 +139,8 @@ class SalienceCallback(EvaluatorViews, Callback):
             if attr is not None and (not isinstance(attr, str) or not attr):
                 raise ValueError(f"SalienceCallback({name}=...) must be None or an attribute name, got {attr!r}.")
         self.evaluator = SalienceEvaluator(vectors, probe, batch_size, save_dir, prefix, owner=_OWNER,
-                                           interval_level=interval_level, forecast_step=forecast_step)
+                                           interval_level=interval_level, forecast_step=forecast_step,
+                                           domain_metrics=domain_metrics)
         self.model_attr = model_attr
         self.tokenizer_attr = tokenizer_attr
         self.tokens_seen_attr = tokens_seen_attr
@@ -265,7 +270,7 @@ class SalienceCallback(EvaluatorViews, Callback):
             self._model(pl_module), step, training=training, checkpoint=checkpoint,
             tokens_seen=self._tokens_seen(pl_module),
             extra={"epoch": int(trainer.current_epoch), "stage": getattr(trainer.state.stage, "value", None)},
-            sharding=sharding, end_step=self._end_step)
+            sharding=sharding, end_step=self._end_step, logged=trainer.callback_metrics)
         if self.wandb_extras and trainer.is_global_zero:
             tokenizer = getattr(pl_module, self.tokenizer_attr, None) if self.tokenizer_attr else None
             self._wandb.after_evaluation(_wandb_runs(trainer), tokenizer)

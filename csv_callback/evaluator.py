@@ -29,11 +29,12 @@ import os
 import time
 import uuid
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -101,7 +102,8 @@ class SalienceEvaluator:
             unique. ``None`` or ``[]`` with a ``save_dir`` only collects losses (logging the probe's mean loss).
         probe: the :class:`ProbeSet` (or path) the vectors were fitted on, or a sequence of probes when the
             vectors use several; each vector is matched to its probe by fingerprint, and each probe is scored
-            once per evaluation, shared by its vectors.
+            once per evaluation, shared by its vectors. None when every vector is a domain vector: then no
+            forward pass is made at all.
         batch_size: probe sequences per forward pass.
         save_dir: where the per-token losses of every evaluation are stored
             (:class:`~csv_callback.store.LossStore`; with several probes one sub-directory per probe
@@ -112,6 +114,10 @@ class SalienceEvaluator:
             (:meth:`SalienceVector.predict_interval`) and of the forecast's interval.
         forecast_step: the training step whose score is forecast (see below); None forecasts the run's planned
             end, which the adapter passes to :meth:`evaluate` as ``end_step`` (no forecast without either).
+        domain_metrics: for domain vectors (:attr:`SalienceVector.domains`), domain name -> the name of the metric
+            the training loop logs as that domain's validation loss (e.g. ``{"c4": "val/c4/loss"}``); every domain
+            of every domain vector must be mapped, and nothing else. :meth:`evaluate` reads them from its
+            ``logged`` metrics: a domain vector costs no forward pass.
 
     Metrics of :meth:`evaluate`: ``<prefix>/<task>/pred``, ``<prefix>/<task>/pred_lo`` and
     ``<prefix>/<task>/pred_hi`` (the prediction interval at ``interval_level``; NaN for a vector fitted before
@@ -136,6 +142,11 @@ class SalienceEvaluator:
     An interval the vector cannot give (no stored residuals) spans the link's range instead of being NaN. An
     evaluation whose losses could not be computed, or are NaN/inf, logs a NaN forecast like its prediction.
     Evaluations outside training forecast nothing.
+
+    Domain vectors log the same metrics, from the ``logged`` metrics :meth:`evaluate` is given. A mapped metric
+    missing from the first evaluation is an error naming the metrics that were logged (the mapping is wrong, or
+    the loop logs them later than the adapter reads them); missing later, or NaN/inf, it warns and the
+    prediction is NaN, and training goes on.
     """
 
     def __init__(
@@ -148,6 +159,7 @@ class SalienceEvaluator:
         owner: str = "SalienceEvaluator",
         interval_level: float = 0.8,
         forecast_step: int | None = None,
+        domain_metrics: Mapping[str, str] | None = None,
     ) -> None:
         self.owner = owner
         self.interval_level = check_level(interval_level, f"{owner}(interval_level=...)")
@@ -169,10 +181,14 @@ class SalienceEvaluator:
                 "per-token losses (e.g. to fit the first vectors later)."
             )
         self.vectors = [self._load(v, SalienceVector, "vectors") for v in vector_list]
+        self.domain_vectors = [v for v in self.vectors if v.domains is not None]
+        self.domain_metrics = self._check_domain_metrics(domain_metrics)
         unique: dict[str, ProbeSet] = {}
-        for p in self._as_list(probe, "probe"):  # a probe given twice is scored once, in the order first given
-            p = self._load(p, ProbeSet, "probe")
-            unique.setdefault(p.fingerprint, p)
+        token_vectors = len(self.vectors) > len(self.domain_vectors)
+        if probe is not None or token_vectors or save_dir is not None:
+            for p in self._as_list(probe, "probe"):  # a probe given twice is scored once, in the order first given
+                p = self._load(p, ProbeSet, "probe")
+                unique.setdefault(p.fingerprint, p)
         self.probes = list(unique.values())
         self.groups = self._match()
         self.batch_size = batch_size
@@ -190,10 +206,31 @@ class SalienceEvaluator:
 
     # ------------------------------------------------------------------ construction helpers
     def _as_list(self, x: Any, name: str) -> list:
-        items = list(x) if isinstance(x, (list, tuple)) else [x]
+        items = [] if x is None else list(x) if isinstance(x, (list, tuple)) else [x]
         if not items:
-            raise ValueError(f"{self.owner}({name}=...) is empty; pass at least one.")
+            raise ValueError(f"{self.owner}({name}=...) is empty; pass at least one (token vectors and save_dir need "
+                             "the probe; only domain vectors go without).")
         return items
+
+    def _check_domain_metrics(self, mapping: Any) -> dict[str, str]:
+        """``mapping`` checked against the domain vectors: every domain mapped to a metric name, nothing else."""
+        needed = list(dict.fromkeys(d for v in self.domain_vectors for d in v.domains))
+        if not needed:
+            if mapping:
+                raise ValueError(f"{self.owner}(domain_metrics=...) is given, but no vector is a domain vector; drop "
+                                 "it or pass the domain vectors it is for.")
+            return {}
+        if not isinstance(mapping, Mapping) or not all(isinstance(k, str) and isinstance(m, str) and m
+                                                         for k, m in mapping.items()):
+            raise ValueError(f"{self.owner}(domain_metrics=...) must map each domain name to the name of the metric "
+                             f"the loop logs as its validation loss, e.g. {{{needed[0]!r}: 'val/{needed[0]}/loss'}}, "
+                             f"got {mapping!r}.")
+        missing = [d for d in needed if d not in mapping]
+        unused = [d for d in mapping if d not in needed]
+        if missing or unused:
+            raise ValueError(f"{self.owner}(domain_metrics=...) must map exactly the domains of the domain vectors "
+                             f"{needed}; missing {missing}, not a domain of any vector {unused}.")
+        return dict(mapping)
 
     def _load(self, x: Any, cls: type, name: str) -> Any:
         if isinstance(x, cls):
@@ -211,6 +248,8 @@ class SalienceEvaluator:
                              f"{dupes}; the metric names would collide. Give each vector its own task.")
         groups: dict[str, list[SalienceVector]] = {p.fingerprint: [] for p in self.probes}
         for v in self.vectors:
+            if v.domains is not None:
+                continue
             found = [p for p in self.probes if p.fingerprint == v.probe_fingerprint]
             probe = found[0] if found else self.probes[0]
             if not found and (len(self.probes) > 1 or v.probe_fingerprint):
@@ -297,7 +336,7 @@ class SalienceEvaluator:
     # ------------------------------------------------------------------ the evaluation
     def evaluate(
         self,
-        model: nn.Module,
+        model: nn.Module | None,
         step: int,
         *,
         training: bool = False,
@@ -306,11 +345,13 @@ class SalienceEvaluator:
         extra: dict[str, Any] | None = None,
         sharding: Sharding | None = None,
         end_step: float | None = None,
+        logged: Mapping[str, Any] | None = None,
     ) -> Evaluation:
         """Score the probe(s) with ``model`` as it is now and return the metrics.
 
         Args:
-            model: maps int64 token ids ``[B, T]`` to logits ``[B, T, V]`` (or an output with ``.logits``).
+            model: maps int64 token ids ``[B, T]`` to logits ``[B, T, V]`` (or an output with ``.logits``); None
+                when there is no probe (domain vectors only).
             step: the training step of these weights.
             training: True inside a training run, at one of its evaluation points: faults then warn and
                 return NaN predictions (training goes on), and the evaluation is named by ``step``. False
@@ -321,13 +362,19 @@ class SalienceEvaluator:
             sharding: split the probe across ranks; every rank must call with the same arguments.
             end_step: the step where the run is planned to end (the forecast's target unless ``forecast_step``
                 was given); None or inf when unknown.
+            logged: the metrics the loop has logged for this evaluation (name -> float or 0-d tensor), from which
+                domain vectors read their domains' losses (``domain_metrics``).
 
         Calling again at the same step with the same weights (the same parameter tensors, none modified in
         place since) returns the previous result without recomputing or storing anything: a trainer that
         evaluates several datasets at one point asks once per dataset, and a ``validate`` right after
         training ends evaluates the weights its last step already did.
         """
-        key = (int(step), weights_key(model))
+        if self.probes and not isinstance(model, nn.Module):
+            raise ValueError(f"{self.owner}.evaluate needs the model (a torch module) to score the probe, got "
+                             f"{type(model).__name__}.")
+        domain_values = tuple(_as_float((logged or {}).get(m)) for m in self.domain_metrics.values())
+        key = (int(step), weights_key(model) if self.probes else b"", domain_values)
         if self._same_as_last(key, sharding):
             return self._last[1]
         start = time.perf_counter()
@@ -369,6 +416,10 @@ class SalienceEvaluator:
                     functools.partial(store.write, name, losses, step=int(step), tokens_seen=tokens_seen, extra=saved),
                     training=training,
                 )
+        for vector in self.domain_vectors:
+            losses = self._domain_losses(vector, logged or {}, step)
+            failed = failed or losses is None
+            metrics |= self._predict(vector, losses, name, step, forecast_to)
         metrics[f"{self.prefix}/nonfinite_losses"] = n_bad
         if name not in self.evaluated:
             self.evaluated.append(name)
@@ -377,6 +428,28 @@ class SalienceEvaluator:
         # A failure is not remembered: outside training the same weights must raise it.
         self._last = None if failed else (key, result)
         return result
+
+    def _domain_losses(self, vector: SalienceVector, logged: Mapping[str, Any], step: int) -> np.ndarray | None:
+        """float64 ``[n_domains]``: ``vector``'s domain losses read from ``logged``; None (warned) where one is
+        missing or not finite. Missing at the vector's first evaluation, it is a configuration error: raised."""
+        missing = {d: self.domain_metrics[d] for d in vector.domains if self.domain_metrics[d] not in logged}
+        if missing and not any(r["task"] == vector.task for r in self.history):
+            raise ValueError(
+                f"{self.owner}: domain vector {vector.task!r} reads its domains' validation losses from the metrics "
+                f"{missing}, which are not among the metrics logged at step {step}: {sorted(logged)[:40]}. Map each "
+                "domain to a metric the loop logs (domain_metrics=...), logged before this evaluation reads them "
+                "(in Lightning from validation_step, not from on_validation_epoch_end)."
+            )
+        values = {d: _as_float(logged.get(m)) for d, m in self.domain_metrics.items() if d in vector.domains}
+        bad = {d: v for d, v in values.items() if not math.isfinite(v)}
+        if missing or bad:
+            warnings.warn(
+                f"{self.owner}: domain vector {vector.task!r} has no finite loss for domain(s) "
+                f"{sorted({**missing, **bad})} at step {step} (missing: {sorted(missing)}, NaN/inf or not a number: "
+                f"{sorted(set(bad) - set(missing))}); its prediction is logged as NaN with extrapolating=1.0 and "
+                "training continues.", RuntimeWarning, stacklevel=3)
+            return None
+        return vector.domain_losses(values)
 
     def _same_as_last(self, key: tuple, sharding: Sharding | None) -> bool:
         same = self._last is not None and self._last[0] == key
@@ -405,7 +478,8 @@ class SalienceEvaluator:
         return name
 
     def _predict(
-        self, vector: SalienceVector, losses: torch.Tensor | None, name: str, step: int, forecast_to: float | None
+        self, vector: SalienceVector, losses: torch.Tensor | np.ndarray | None, name: str, step: int,
+        forecast_to: float | None,
     ) -> dict[str, float]:
         if losses is None:
             pred, wl, extrapolating, lo, hi = math.nan, math.nan, True, math.nan, math.nan
@@ -613,6 +687,14 @@ def _legacy_row(row: dict[str, Any]) -> dict[str, Any]:
     rows saved before intervals and forecasts existed have none (None)."""
     return {"name": f"step-{int(row['step']):09d}", "pred_lo": None, "pred_hi": None, "forecast": None,
             "forecast_lo": None, "forecast_hi": None, **row}
+
+
+def _as_float(value: Any) -> float:
+    """A logged metric (a number or a 1-element tensor) as a float; NaN for anything else (None: not logged)."""
+    try:
+        return float(value.item() if isinstance(value, torch.Tensor) else value)
+    except (TypeError, ValueError, RuntimeError):
+        return math.nan
 
 
 def _none_if_nan(x: float) -> float | None:

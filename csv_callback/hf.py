@@ -74,7 +74,8 @@ class SalienceTrainerCallback(EvaluatorViews, TrainerCallback, ExportableState):
     Args:
         vectors: SalienceVector objects or paths to their .safetensors files; tasks must be distinct.
             ``None`` or ``[]`` with a ``save_dir`` only collects the losses.
-        probe: the vectors' ProbeSet, or a path to it; a sequence of probes when the vectors use several.
+        probe: the vectors' ProbeSet, or a path to it; a sequence of probes when the vectors use several. None when
+            every vector is a domain vector.
         batch_size: probe sequences per forward pass.
         save_dir: optional loss store directory (the format of ``csv-callback collect``): each evaluated
             step's per-token losses are saved there as ``step-<global_step:09d>``, as the Lightning callback does.
@@ -85,6 +86,11 @@ class SalienceTrainerCallback(EvaluatorViews, TrainerCallback, ExportableState):
             ``.../pred_hi`` (:meth:`SalienceVector.predict_interval`), and of the forecast's.
         forecast_step: the global step whose score ``.../forecast`` forecasts; None: the run's planned end,
             ``state.max_steps`` (the Trainer's ``max_steps``, or the steps its ``num_train_epochs`` make).
+        domain_metrics: for domain vectors, domain name -> the evaluation metric the Trainer logs as that domain's
+            loss: with ``eval_dataset={"c4": ..., "wiki": ...}`` it logs ``eval_c4_loss`` and ``eval_wiki_loss``, so
+            ``{"c4": "eval_c4_loss", "wiki": "eval_wiki_loss"}``. The Trainer evaluates (and logs) one dataset after
+            the other; the predictions join the metrics of the evaluation that completes the mapped losses, with
+            no forward pass of their own (probe vectors' metrics then join it too).
 
     Inside ``train()`` each evaluation also adds ``.../forecast``, ``.../forecast_lo`` and ``.../forecast_hi``, the
     score the run will reach at ``forecast_step`` and its interval, by the rules of
@@ -94,20 +100,26 @@ class SalienceTrainerCallback(EvaluatorViews, TrainerCallback, ExportableState):
     def __init__(
         self,
         vectors: Sequence[SalienceVector | PathLike] | SalienceVector | PathLike | None,
-        probe: Sequence[ProbeSet | PathLike] | ProbeSet | PathLike,
+        probe: Sequence[ProbeSet | PathLike] | ProbeSet | PathLike | None = None,
         batch_size: int = 8,
         save_dir: PathLike | None = None,
         prefix: str = "csv",
         interval_level: float = 0.8,
         forecast_step: int | None = None,
+        domain_metrics: dict[str, str] | None = None,
     ) -> None:
         self.evaluator = SalienceEvaluator(vectors, probe, batch_size, save_dir, prefix, owner=_OWNER,
-                                           interval_level=interval_level, forecast_step=forecast_step)
+                                           interval_level=interval_level, forecast_step=forecast_step,
+                                           domain_metrics=domain_metrics)
         self._attached = False
         self._model_checked = False
         self._training = False  # between on_train_begin and on_train_end: faults warn instead of raising
         self._best: tuple[tuple, str] | None = None  # (weights key, checkpoint) after load_best_model_at_end
         self._wandb = WandbExtras(self.evaluator)
+        # The evaluation metrics logged so far at one step ((step, metrics)): the Trainer logs each eval dataset's
+        # separately, and the domain vectors need all their domains' losses.
+        self._eval_logs: tuple[int, dict[str, Any]] = (-1, {})
+        self._pending = False  # an evaluation whose mapped domain losses have not all been logged yet
 
     @property
     def probe(self) -> ProbeSet:
@@ -151,6 +163,7 @@ class SalienceTrainerCallback(EvaluatorViews, TrainerCallback, ExportableState):
             )
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
+        self._settle(model, state)
         self._training = False
         # load_best_model_at_end has put the best checkpoint's weights in the model: evaluations of them are
         # named by that checkpoint.
@@ -162,7 +175,18 @@ class SalienceTrainerCallback(EvaluatorViews, TrainerCallback, ExportableState):
         prefix = _eval_prefix(logs)
         if prefix is None or model is None:
             return
-        added = self._metrics(model, state, prefix)
+        step, seen = self._eval_logs
+        if step != state.global_step:
+            self._settle(model, state)
+            seen = {}
+        seen = {**seen, **logs}
+        self._eval_logs = (state.global_step, seen)
+        wanted = self.evaluator.domain_metrics.values()
+        if not all(m in seen for m in wanted):
+            self._pending = True  # the next eval dataset may log the rest; see _settle
+            return
+        self._pending = False
+        added = self._metrics(model, state, prefix, seen)
         logs.update(added)
         # Trainer.log appended a copy of these logs to the history before calling us.
         runtime = f"{prefix}_runtime"
@@ -178,9 +202,20 @@ class SalienceTrainerCallback(EvaluatorViews, TrainerCallback, ExportableState):
         if (
             prefix is not None
             and model is not None
+            and not self._pending
             and f"{prefix}_{self.evaluator.prefix}/nonfinite_losses" not in metrics
         ):
-            metrics.update(self._metrics(model, state, prefix))
+            metrics.update(self._metrics(model, state, prefix, {**self._eval_logs[1], **metrics}))
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        self._settle(model, state)
+
+    def _settle(self, model: torch.nn.Module | None, state) -> None:
+        """An evaluation that ended without logging every mapped domain loss: evaluated now, so that the evaluator
+        raises (its first evaluation: the mapping names metrics the Trainer does not log) or warns (later)."""
+        if self._pending and model is not None:
+            self._pending = False
+            self._metrics(model, state, "eval", self._eval_logs[1], step=self._eval_logs[0])
 
     # ------------------------------------------------------------------ W&B extras
     def _log_wandb(self, run: Any, processing_class: Any) -> None:
@@ -195,12 +230,16 @@ class SalienceTrainerCallback(EvaluatorViews, TrainerCallback, ExportableState):
             self.evaluator.check_model(model, "the Trainer's model")
             self._model_checked = True
 
-    def _metrics(self, model: torch.nn.Module, state, prefix: str) -> dict[str, float]:
-        """The evaluator's metrics for ``model`` as it is now, under the Trainer's metric ``prefix``."""
+    def _metrics(
+        self, model: torch.nn.Module, state, prefix: str, logged: dict[str, Any], step: int | None = None
+    ) -> dict[str, float]:
+        """The evaluator's metrics for ``model`` as it is now (at ``step``, default the state's), under the
+        Trainer's metric ``prefix``; ``logged`` are the evaluation metrics the Trainer logged at that step (the
+        domain vectors' input)."""
         self._check_model(model)  # done by on_train_begin in a run; a bare evaluate() fails here, before any compute
         if state.is_world_process_zero:
             self.evaluator.open_store()  # a bare evaluate() without on_train_begin: a bad save_dir raises here
-        checkpoint, step = None, int(state.global_step)
+        checkpoint, step = None, int(state.global_step if step is None else step)
         if not self._training and self._best is not None and self._best[0] == weights_key(model):
             checkpoint = self._best[1]
             found = re.fullmatch(r"checkpoint-(\d+)", Path(checkpoint).name)  # the Trainer's naming
@@ -209,7 +248,7 @@ class SalienceTrainerCallback(EvaluatorViews, TrainerCallback, ExportableState):
         evaluation = self.evaluator.evaluate(
             model, step, training=self._training, checkpoint=checkpoint,
             tokens_seen=float(state.num_input_tokens_seen) if state.num_input_tokens_seen else None,
-            sharding=torch_distributed_sharding(device), end_step=state.max_steps or None)
+            sharding=torch_distributed_sharding(device), end_step=state.max_steps or None, logged=logged)
         return {f"{prefix}_{k}": v for k, v in evaluation.metrics.items()}
 
 
