@@ -105,20 +105,28 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("fit", help="fit a salience vector from collected losses and benchmark scores",
                        description="Fit a salience vector for one task from a loss store and the checkpoints' "
                        "scores, from lm-eval-harness results files (--lmeval) or a CSV (--scores), and print the "
-                       "cross-validated error of csv vs uniform (loss averaging) vs label (answer-token loss).")
+                       "cross-validated error of csv vs uniform (loss averaging) vs label (answer-token loss). With "
+                       "--loss-columns, fit a domain vector from one CSV table instead (one row per checkpoint: its "
+                       "per-domain validation losses, its score, its group), e.g. a W&B history export; the "
+                       "baselines are then loss averaging and the best single domain.")
     s.add_argument("losses", nargs="+", help="loss store directory (from collect or SalienceCallback(save_dir=...)); "
                    "several (e.g. one save_dir per run) name their checkpoints <store>/<name>, the store's path "
-                   "relative to their common parent")
+                   "relative to their common parent. With --loss-columns: one CSV table")
     s.add_argument("--task", required=True, help="task name (as in the lm-eval results)")
     s.add_argument("--out", required=True, help="output vector .safetensors")
     s.add_argument("--force", action="store_true", help="overwrite --out if it exists")
-    src = s.add_mutually_exclusive_group(required=True)
+    s.add_argument("--loss-columns", nargs="+", metavar="PATTERN",
+                   help="fit a domain vector from the CSV table: its loss columns, shell patterns such as 'loss/*' "
+                   "(a pattern PREFIX*SUFFIX names each domain by what * matched); scores from --score-column, "
+                   "groups from --groups col:NAME")
+    src = s.add_mutually_exclusive_group()
     src.add_argument("--lmeval", nargs="+", metavar="PATH", help="lm-eval results_*.json files or output directories")
     src.add_argument("--scores", metavar="CSV", help="CSV with columns checkpoint,score")
     s.add_argument("--metric", default="acc", help="metric name (default acc)")
     s.add_argument("--filter", default="none", help="lm-eval filter name (default none)")
     s.add_argument("--mapping", metavar="CSV", help="CSV with columns model,checkpoint: lm-eval's model -> checkpoint")
-    s.add_argument("--score-column", default="score", help="score column of --scores (default score)")
+    s.add_argument("--score-column", default="score", help="score column of --scores or of the --loss-columns table "
+                   "(default score)")
     s.add_argument("--groups", metavar="SPEC",
                    help="held-out unit for cross-validation: 're:REGEX' (first capture group, or the match, of the "
                    "checkpoint name) or 'col:NAME' (a column of --scores). Default: random folds over checkpoints")
@@ -274,6 +282,11 @@ def cmd_collect(args: argparse.Namespace) -> int:
 def cmd_fit(args: argparse.Namespace) -> int:
     from .fit_store import fit_from_store
 
+    if args.loss_columns:
+        return _fit_table(args)
+    if args.lmeval is None and args.scores is None:
+        raise ValueError("fit needs the checkpoints' scores: --lmeval PATH... or --scores CSV (or --loss-columns to "
+                         "fit a domain vector from one table).")
     for root in map(Path, args.losses):  # even --force must not turn a store's own file into a vector
         target = Path(args.out).resolve()
         if target == (root / "probe.safetensors").resolve() or (root / "losses").resolve() in target.parents:
@@ -299,10 +312,36 @@ def cmd_fit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fit_table(args: argparse.Namespace) -> int:
+    """``fit TABLE.csv --loss-columns ...``: a domain vector from one table."""
+    from .fit_table import fit_from_table
+
+    given = [flag for flag, value in (("--lmeval", args.lmeval), ("--scores", args.scores), ("--mapping", args.mapping),
+                                      ("--trajectory-prior", args.trajectory_prior), ("--priors", args.priors))
+             if value]
+    if given or args.filter != "none":
+        raise ValueError(f"--loss-columns fits a domain vector from the table alone; {given or ['--filter']} belong to "
+                         "fitting from loss stores.")
+    if len(args.losses) != 1 or not Path(args.losses[0]).is_file():
+        raise ValueError(f"--loss-columns reads one CSV table, got {args.losses}; pass the table's path.")
+    out = _output_file(args.out, args.force)
+    with _notes():
+        sv = fit_from_table(args.losses[0], args.task, args.loss_columns, args.score_column, groups=args.groups,
+                            metric=args.metric, n_folds=args.folds, seed=args.seed, anchor=args.anchor,
+                            score_range=args.score_range)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sv.save(out)
+    print(f"{out}: {args.task} {args.metric} from {sv.fit_report['n_checkpoints']} checkpoints, domain vector over "
+          f"{len(sv.domains)} domains {list(sv.domains)}, lambda {sv.fit_report['lam']:.3g}, best single domain "
+          f"{sv.fit_report['best_domain']}")
+    print(format_cv_table(sv.fit_report))
+    return 0
+
+
 def format_cv_table(report: dict[str, Any]) -> str:
     """The cross-validation table of a fit report: one row per method, MSE and MAE, best MSE marked."""
     mse, mae = report["cv_mse"], report["cv_mae"]
-    methods = [m for m in ("csv", "uniform", "label") if m in mse]
+    methods = [m for m in ("csv", "uniform", "label", "domain") if m in mse]
     best = min(methods, key=mse.get)
     lines = [
         f"cross-validation ({report['cv']} folds, {len(set(report['folds']))} folds, {report['n_checkpoints']} "

@@ -2,6 +2,7 @@
 sheet)."""
 
 import csv
+import re
 
 import numpy as np
 import pytest
@@ -81,3 +82,46 @@ def test_a_cell_that_is_not_a_number_names_its_line(tmp_path):
     path.write_text("\n".join(text) + "\n")
     with pytest.raises(ValueError, match=r"line 4: loss/c4='high' is not a number"):
         fit_from_table(path, "syn", "loss/*", "icl/syn", groups="col:corpus")
+
+
+def test_cli_fits_a_domain_vector_from_a_table(tmp_path, capsys):
+    from csv_callback import SalienceVector
+    from csv_callback.cli import main
+
+    X, y, groups = domain_table()
+    path = write_table(tmp_path / "t.csv", X, y, groups, blank=(3,))
+    out = tmp_path / "syn.safetensors"
+    assert main(["fit", str(path), "--loss-columns", "loss/*", "--task", "syn", "--score-column", "icl/syn",
+                 "--groups", "col:corpus", "--out", str(out)]) == 0
+    printed = capsys.readouterr()
+    assert "note: " in printed.err and "1 of 36 row(s)" in printed.err
+    assert f"domain vector over 4 domains {DOMAINS}" in printed.out and "best single domain code" in printed.out
+    assert [line.split()[0] for line in printed.out.splitlines()[-3:]] == ["csv", "uniform", "domain"]
+    sv = SalienceVector.load(out)
+    assert sv.domains == tuple(DOMAINS) and sv.fit_report["n_checkpoints"] == 35
+
+
+@pytest.mark.parametrize(
+    ("extra", "match"),
+    [
+        (["--scores", "s.csv"], r"\['--scores'\] belong to fitting from loss stores"),
+        (["--trajectory-prior"], r"\['--trajectory-prior'\] belong"),
+        (["--filter", "x"], r"\['--filter'\] belong"),
+    ],
+)
+def test_cli_table_mode_refuses_store_options(tmp_path, capsys, extra, match):
+    from csv_callback.cli import main
+
+    X, y, groups = domain_table()
+    path = write_table(tmp_path / "t.csv", X, y, groups)
+    assert main(["fit", str(path), "--loss-columns", "loss/*", "--task", "syn", "--score-column", "icl/syn",
+                 "--out", str(tmp_path / "o.safetensors"), *extra]) == 2
+    assert re.search(match, capsys.readouterr().err)
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_cli_fit_without_scores_or_table_says_what_is_missing(tmp_path, capsys):
+    from csv_callback.cli import main
+
+    assert main(["fit", str(tmp_path), "--task", "syn", "--out", str(tmp_path / "o.safetensors")]) == 2
+    assert "--lmeval PATH... or --scores CSV (or --loss-columns" in capsys.readouterr().err
