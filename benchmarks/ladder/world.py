@@ -45,6 +45,7 @@ ARITH_DIGITS = (1, 2)  # numbers of one digit (mod 10) or two (mod 100): an easy
 N_PATTERN_QUESTIONS = 2000
 SOURCES = ("facts", "arith", "pattern")
 TASKS = tuple(f"ladder_{s}" for s in SOURCES)
+DOMAINS = ("general", *SOURCES)  # the probe's segments, as validation domains: held-out text, then each source's lines
 N_PROBE_PAGES = 10  # the first pydoc pages (sorted by topic) are held out of training for the probe
 PROBE_CHARS = 1500  # characters of each held-out page in the probe
 PROBE_LINES = 40  # capability lines per source in the probe
@@ -153,20 +154,29 @@ class World:
         # Every token of a capability line is scored; its last item is also marked as the answer, for the
         # "label" baseline (answer-token loss).
         caps = [self.line(s, rng) for s in SOURCES for _ in range(PROBE_LINES)]
-        cut = [max(line.rfind(" "), line.rfind("=")) + 1 for line in caps]
-        pairs = [(line[:i], line[i:]) for line, i in zip(caps, cut)]
-        return ProbeSet.concat([general, ProbeSet.from_pairs(pairs, self.tokenizer, MAX_LENGTH, score_context=True)])
+        return ProbeSet.concat([general, line_probe(caps, self.tokenizer)])
+
+    @staticmethod
+    def domain_ranges(probe: ProbeSet) -> dict[str, tuple[int, int]]:
+        """Per domain of :data:`DOMAINS`, ``(lo, hi)``: its scored tokens are ``losses[lo:hi]`` of the probe's loss
+        vector ``[probe.n_tokens]``; "general" is the held-out text, each source its ``PROBE_LINES`` lines. Relies on
+        :meth:`probe`'s layout: the capability lines come last, ``PROBE_LINES`` per source in ``SOURCES`` order."""
+        first = probe.num_sequences - len(SOURCES) * PROBE_LINES
+        if first < 1:
+            raise ValueError(f"the probe has {probe.num_sequences} sequences, not the general text plus "
+                             f"{len(SOURCES)} x {PROBE_LINES} capability lines of World.probe(); pass that probe.")
+        offsets = probe.score_offsets
+        bounds = [0] + [int(offsets[first + k * PROBE_LINES]) for k in range(len(SOURCES) + 1)]
+        return {domain: (bounds[k], bounds[k + 1]) for k, domain in enumerate(DOMAINS)}
 
     @staticmethod
     def answer_masks(probe: ProbeSet) -> dict[str, torch.Tensor]:
         """Per task, bool ``[probe.n_tokens]``: the answer tokens of the probe's lines of that task's source
-        (what the "label" baseline averages). Relies on :meth:`probe`'s layout: the capability lines come
-        last, ``PROBE_LINES`` per source in ``SOURCES`` order."""
-        first = probe.num_sequences - len(SOURCES) * PROBE_LINES
+        (what the "label" baseline averages), within :meth:`domain_ranges`' range of that source."""
+        ranges = World.domain_ranges(probe)
         out = {}
-        for k, task in enumerate(TASKS):
-            lo = int(probe.score_offsets[first + k * PROBE_LINES])
-            hi = int(probe.score_offsets[first + (k + 1) * PROBE_LINES])
+        for source, task in zip(SOURCES, TASKS):
+            lo, hi = ranges[source]
             mask = torch.zeros(probe.n_tokens, dtype=torch.bool)
             mask[lo:hi] = probe.answer_mask[lo:hi]
             out[task] = mask
@@ -256,6 +266,14 @@ class TaskScorer:
     def __call__(self, model: torch.nn.Module, batch_size: int = 64) -> dict[str, dict[str, float]]:
         """Per task, lm-eval's ``acc`` (the share of questions answered right) and ``acc_stderr``."""
         return {t: accuracy_and_stderr(c) for t, c in self.correct(model, batch_size).items()}
+
+
+def line_probe(lines: list[str], tokenizer) -> ProbeSet:
+    """Capability lines as the probe scores them: one sequence per line, every token after the first scored, the
+    line's last item (after its last space or ``=``) marked as the answer."""
+    cut = [max(line.rfind(" "), line.rfind("=")) + 1 for line in lines]
+    pairs = [(line[:i], line[i:]) for line, i in zip(lines, cut)]
+    return ProbeSet.from_pairs(pairs, tokenizer, MAX_LENGTH, score_context=True)
 
 
 def accuracy_and_stderr(correct: np.ndarray) -> dict[str, float]:
