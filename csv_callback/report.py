@@ -21,7 +21,7 @@ from .probe import ProbeSet
 from .salience import SalienceVector
 from .store import LossTable
 
-_METHOD_COLOURS = {"csv": "#c0392b", "uniform": "#2c7fb8", "label": "#41ab5d"}
+_METHOD_COLOURS = {"csv": "#c0392b", "uniform": "#2c7fb8", "label": "#41ab5d", "domain": "#8856a7"}
 _GROUP_MARKERS = "osD^vP<>X*"  # with tab10's 10 colours: 100 groups, each its own (colour, marker)
 # The darkest salience shade: rgba(192,57,43) at this alpha over white leaves #222 text a contrast of 4.9:1
 # (WCAG AA asks 4.5:1); at full colour it would be 2.9:1.
@@ -65,9 +65,9 @@ def write_report(
     if "cv_pred" in rep and "scores" in rep:
         figures.append(("Predicted vs actual under cross-validation", _save(_cv_figure(rep), out / "cv.png")))
     figures.append(("Weighted loss to score: the fitted link", _save(_link_figure(sv, table), out / "link.png")))
-    figures.append(
-        ("Salience along the probe (weight relative to uniform)", _save(_weights_figure(sv), out / "weights.png"))
-    )
+    title = ("Weight of each validation domain" if sv.domains is not None
+             else "Salience along the probe (weight relative to uniform)")
+    figures.append((title, _save(_weights_figure(sv), out / "weights.png")))
 
     parts = [f"<h1>Salience vector: {html.escape(sv.task)} ({html.escape(sv.metric)})</h1>", _summary_html(sv)]
     for title, png in figures:
@@ -75,7 +75,9 @@ def write_report(
         parts.append(
             f"<h2>{html.escape(title)}</h2><img alt='{html.escape(title)}' src='data:image/png;base64,{data}'>"
         )
-    if probe is None:
+    if sv.domains is not None:
+        pass  # a domain vector has no probe text to show
+    elif probe is None:
         parts.append(_NO_PROBE)
     else:
         hint = "" if tokenizer is not None else "<p>With the CLI: csv-callback report --tokenizer DIR.</p>"
@@ -102,7 +104,7 @@ def _cv_figure(rep: dict[str, Any]):
     import matplotlib.pyplot as plt
 
     y = np.asarray(rep["scores"])
-    methods = [m for m in ("csv", "uniform", "label") if m in rep["cv_pred"]]
+    methods = [m for m in _METHOD_COLOURS if m in rep["cv_pred"]]
     fig, axes = plt.subplots(1, len(methods), figsize=(4 * len(methods), 4), squeeze=False)
     lo, hi = (
         float(min(y.min(), *(min(rep["cv_pred"][m]) for m in methods))),
@@ -184,6 +186,16 @@ def _link_figure(sv: SalienceVector, table: LossTable | None):
 def _weights_figure(sv: SalienceVector):
     import matplotlib.pyplot as plt
 
+    if sv.domains is not None:
+        fig, ax = plt.subplots(figsize=(6, 0.35 * len(sv.domains) + 1.0))
+        ax.barh(range(len(sv.domains)), sv.weights, color=_METHOD_COLOURS["csv"])
+        ax.axvline(1.0 / len(sv.domains), color="grey", lw=0.8, ls="--", label="uniform (loss averaging)")
+        ax.set_yticks(range(len(sv.domains)), sv.domains)
+        ax.invert_yaxis()
+        ax.set(xlabel="weight")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        return fig
     rel = sv.weights * sv.n_tokens
     fig, ax = plt.subplots(figsize=(8, 2.6))
     ax.plot(np.arange(sv.n_tokens), rel, lw=0.6, color=_METHOD_COLOURS["csv"])
@@ -199,14 +211,15 @@ def _summary_html(sv: SalienceVector) -> str:
     rows = [
         ("task", sv.task),
         ("metric", sv.metric),
-        ("probe fingerprint", sv.probe_fingerprint),
-        ("scored tokens", sv.n_tokens),
+        *([("domains", ", ".join(sv.domains))] if sv.domains is not None
+          else [("probe fingerprint", sv.probe_fingerprint), ("scored tokens", sv.n_tokens)]),
         ("weighted-loss range in fitting", f"{sv.loss_range[0]:.4g} .. {sv.loss_range[1]:.4g}"),
         ("link", f"lo={sv.link.lo:.3g}, hi={sv.link.hi:.3g}, k={sv.link.k:.3g}, L0={sv.link.L0:.4g}"),
     ]
     for key, label in (("n_checkpoints", "checkpoints fitted"), ("prior", "prior the weights are shrunk towards"),
                        ("anchor", "anchor point (loss, score) of the link"), ("lam", "regularisation (lambda)"),
-                       ("effective_tokens", "effective tokens (exp entropy of w)")):
+                       ("effective_tokens", "effective tokens (exp entropy of w)"),
+                       ("best_domain", "best single domain")):
         if rep.get(key) is not None:  # an unanchored fit records anchor None: no row
             rows.append((label, f"{rep[key]:.4g}" if isinstance(rep[key], float) else rep[key]))
     out = (

@@ -125,3 +125,19 @@ def test_cli_fit_without_scores_or_table_says_what_is_missing(tmp_path, capsys):
 
     assert main(["fit", str(tmp_path), "--task", "syn", "--out", str(tmp_path / "o.safetensors")]) == 2
     assert "--lmeval PATH... or --scores CSV (or --loss-columns" in capsys.readouterr().err
+
+
+def test_report_of_a_domain_vector_shows_its_domains_and_the_best_single_domain(tmp_path):
+    from csv_callback.cli import main
+
+    X, y, groups = domain_table()
+    path = write_table(tmp_path / "t.csv", X, y, groups)
+    vec = tmp_path / "syn.safetensors"
+    assert main(["fit", str(path), "--loss-columns", "loss/*", "--task", "syn", "--score-column", "icl/syn",
+                 "--groups", "col:corpus", "--out", str(vec)]) == 0
+    assert main(["report", str(vec), "--out", str(tmp_path / "rep")]) == 0
+    page = (tmp_path / "rep" / "index.html").read_text()
+    assert "Weight of each validation domain" in page and "c4, code, wiki, books" in page
+    assert "<td>domain</td>" in page and "best single domain" in page
+    assert "Probe text by salience" not in page  # a domain vector has no probe text
+    assert (tmp_path / "rep" / "weights.png").stat().st_size > 5_000
