@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ._extras import extra_imports
-from .evaluator import Evaluation, EvaluatorViews, SalienceEvaluator, Sharding
+from .evaluator import Evaluation, EvaluatorViews, SalienceEvaluator, Sharding, parameter_count
 from .probe import ProbeSet
 from .salience import SalienceVector
 from .wandb_view import WandbExtras
@@ -52,6 +52,9 @@ class SalienceCallback(EvaluatorViews, Callback):
             :func:`~csv_callback.store.load_losses`). With several probes each gets the sub-directory
             ``<save_dir>/<probe fingerprint>``. The directory belongs to one run: a fresh run into a directory
             that holds another run's losses fails before training; a run resumed from its checkpoint goes on.
+            Each evaluation records the evaluated model's parameter count (the ``model_attr`` module's, embeddings
+            included: :func:`~csv_callback.evaluator.parameter_count`) and ``tokens_seen``, the N and D of a
+            scaling law (``csv-callback scaling``).
         model_attr: where the causal LM is: ``None`` uses the LightningModule itself (its ``forward`` must
             map token ids ``[B, T]`` to logits ``[B, T, V]``); a (dotted) attribute name such as ``"model"``
             uses ``pl_module.model``, e.g. a Hugging Face ``AutoModelForCausalLM``.
@@ -266,9 +269,10 @@ class SalienceCallback(EvaluatorViews, Callback):
         if trainer.world_size > 1:
             sharding = Sharding(trainer.global_rank, trainer.world_size, trainer.strategy.all_gather,
                                 trainer.strategy.root_device)
+        model = self._model(pl_module)
         evaluation = self.evaluator.evaluate(
-            self._model(pl_module), step, training=training, checkpoint=checkpoint,
-            tokens_seen=self._tokens_seen(pl_module),
+            model, step, training=training, checkpoint=checkpoint,
+            tokens_seen=self._tokens_seen(pl_module), params=parameter_count(model),
             extra={"epoch": int(trainer.current_epoch), "stage": getattr(trainer.state.stage, "value", None)},
             sharding=sharding, end_step=self._end_step, logged=trainer.callback_metrics)
         if self.wandb_extras and trainer.is_global_zero:

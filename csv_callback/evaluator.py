@@ -343,6 +343,7 @@ class SalienceEvaluator:
         checkpoint: str | None = None,
         tokens_seen: float | None = None,
         extra: dict[str, Any] | None = None,
+        params: float | None = None,
         sharding: Sharding | None = None,
         end_step: float | None = None,
         logged: Mapping[str, Any] | None = None,
@@ -359,6 +360,9 @@ class SalienceEvaluator:
             checkpoint: where the weights came from (a file or directory), used to name an evaluation
                 outside training.
             tokens_seen, extra: stored with the losses.
+            params: the model's parameter count, stored with the losses (the N of a scaling law, as
+                ``tokens_seen`` is its D: :mod:`csv_callback.scaling`); None when unknown. The adapters pass
+                :func:`parameter_count` of the evaluated model.
             sharding: split the probe across ranks; every rank must call with the same arguments.
             end_step: the step where the run is planned to end (the forecast's target unless ``forecast_step``
                 was given); None or inf when unknown.
@@ -373,6 +377,10 @@ class SalienceEvaluator:
         if self.probes and not isinstance(model, nn.Module):
             raise ValueError(f"{self.owner}.evaluate needs the model (a torch module) to score the probe, got "
                              f"{type(model).__name__}.")
+        if params is not None and (isinstance(params, bool) or not isinstance(params, (int, float))
+                                   or not math.isfinite(params) or params <= 0):
+            raise ValueError(f"{self.owner}.evaluate(params=...) is the model's parameter count, a positive number "
+                             f"or None when unknown, got {params!r}.")
         domain_values = tuple(_as_float((logged or {}).get(m)) for m in self.domain_metrics.values())
         key = (int(step), weights_key(model) if self.probes else b"", domain_values)
         if self._same_as_last(key, sharding):
@@ -413,7 +421,8 @@ class SalienceEvaluator:
                 saved = {**(extra or {}), **({"checkpoint": str(checkpoint)} if checkpoint else {})}
                 self.guard(
                     f"save the probe losses of {f'step {step}' if training else name} to {store.root}",
-                    functools.partial(store.write, name, losses, step=int(step), tokens_seen=tokens_seen, extra=saved),
+                    functools.partial(store.write, name, losses, step=int(step), tokens_seen=tokens_seen, extra=saved,
+                                      params=params),
                     training=training,
                 )
         for vector in self.domain_vectors:
@@ -711,6 +720,14 @@ def _summary(losses: torch.Tensor | None) -> tuple[float, float]:
     if losses is None:
         return math.nan, math.nan
     return float(losses.double().mean()), float((~torch.isfinite(losses)).sum())
+
+
+def parameter_count(model: nn.Module) -> int:
+    """The number of parameters of ``model``: the sum of ``numel`` over ``model.parameters()``, embeddings included
+    (a tied input/output embedding counted once, as ``parameters()`` yields a shared tensor once). The N the
+    adapters store with every evaluation; the ladder benchmark's scaling law uses the same count. Under a
+    sharded-parameter strategy (FSDP, DeepSpeed ZeRO-3) a rank holds only its shard, and this counts that."""
+    return sum(p.numel() for p in model.parameters())
 
 
 @torch.no_grad()

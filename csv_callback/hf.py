@@ -55,7 +55,7 @@ from typing import Any
 import torch
 
 from ._extras import extra_imports
-from .evaluator import EvaluatorViews, SalienceEvaluator, torch_distributed_sharding, weights_key
+from .evaluator import EvaluatorViews, SalienceEvaluator, parameter_count, torch_distributed_sharding, weights_key
 from .probe import ProbeSet
 from .salience import SalienceVector
 from .wandb_view import WandbExtras
@@ -81,6 +81,10 @@ class SalienceTrainerCallback(EvaluatorViews, TrainerCallback, ExportableState):
             step's per-token losses are saved there as ``step-<global_step:09d>``, as the Lightning callback does.
             It is opened (and checked) when training begins: a directory holding another probe's or another
             run's losses, or a path that is not a writable directory, fails before the first step.
+            Each evaluation records the model's parameter count (embeddings included:
+            :func:`~csv_callback.evaluator.parameter_count`) and ``state.num_input_tokens_seen`` (set
+            ``include_num_input_tokens_seen=True`` in the ``TrainingArguments``), the N and D of a scaling law
+            (``csv-callback scaling``).
         prefix: the metrics' name prefix (after the Trainer's own ``eval_``).
         interval_level: the coverage, in (0, 1), of the prediction interval added as ``.../pred_lo`` and
             ``.../pred_hi`` (:meth:`SalienceVector.predict_interval`), and of the forecast's.
@@ -90,7 +94,9 @@ class SalienceTrainerCallback(EvaluatorViews, TrainerCallback, ExportableState):
             loss: with ``eval_dataset={"c4": ..., "wiki": ...}`` it logs ``eval_c4_loss`` and ``eval_wiki_loss``, so
             ``{"c4": "eval_c4_loss", "wiki": "eval_wiki_loss"}``. The Trainer evaluates (and logs) one dataset after
             the other; the predictions join the metrics of the evaluation that completes the mapped losses, with
-            no forward pass of their own (probe vectors' metrics then join it too).
+            no forward pass of their own (probe vectors' metrics then join it too), named by the Trainer's prefix
+            without the dataset's (``eval_csv/<task>/pred``, not ``eval_wiki_csv/...``): ``metric_for_best_model=
+            "csv/<task>/pred"`` selects on them.
 
     Inside ``train()`` each evaluation also adds ``.../forecast``, ``.../forecast_lo`` and ``.../forecast_hi``, the
     score the run will reach at ``forecast_step`` and its interval, by the rules of
@@ -186,7 +192,7 @@ class SalienceTrainerCallback(EvaluatorViews, TrainerCallback, ExportableState):
             self._pending = True  # the next eval dataset may log the rest; see _settle
             return
         self._pending = False
-        added = self._metrics(model, state, prefix, seen)
+        added = self._metrics(model, state, self._joined_prefix(prefix, seen), seen)
         logs.update(added)
         # Trainer.log appended a copy of these logs to the history before calling us.
         runtime = f"{prefix}_runtime"
@@ -199,16 +205,26 @@ class SalienceTrainerCallback(EvaluatorViews, TrainerCallback, ExportableState):
     def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):
         # Normally on_log has filled ``metrics`` already; this covers trainers that evaluate without logging.
         prefix = _eval_prefix(metrics)
-        if (
-            prefix is not None
-            and model is not None
-            and not self._pending
-            and f"{prefix}_{self.evaluator.prefix}/nonfinite_losses" not in metrics
-        ):
-            metrics.update(self._metrics(model, state, prefix, {**self._eval_logs[1], **metrics}))
+        if prefix is None or model is None or self._pending:
+            return
+        logged = {**self._eval_logs[1], **metrics}
+        prefix = self._joined_prefix(prefix, logged)
+        if f"{prefix}_{self.evaluator.prefix}/nonfinite_losses" not in metrics:
+            metrics.update(self._metrics(model, state, prefix, logged))
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
         self._settle(model, state)
+
+    def _joined_prefix(self, prefix: str, logged: dict[str, Any]) -> str:
+        """The metric prefix of an evaluation whose domain losses came from several eval datasets: the Trainer's own
+        (``eval_a``, ``eval_b`` -> ``eval``), so that ``metric_for_best_model="csv/<task>/pred"`` finds the
+        predictions whichever dataset completed them. Otherwise the dataset's ``prefix``, as without domain vectors.
+        """
+        datasets = {k.removesuffix("_runtime") for k in logged if k.endswith("_runtime") and not k.startswith("train")}
+        if not self.evaluator.domain_metrics or len(datasets) < 2:
+            return prefix
+        # Trainer.evaluate names each dataset's metrics f"{metric_key_prefix}_{name}"; its prefix is "eval" in train()
+        return prefix.split("_", 1)[0]
 
     def _settle(self, model: torch.nn.Module | None, state) -> None:
         """An evaluation that ended without logging every mapped domain loss: evaluated now, so that the evaluator
@@ -248,7 +264,8 @@ class SalienceTrainerCallback(EvaluatorViews, TrainerCallback, ExportableState):
         evaluation = self.evaluator.evaluate(
             model, step, training=self._training, checkpoint=checkpoint,
             tokens_seen=float(state.num_input_tokens_seen) if state.num_input_tokens_seen else None,
-            sharding=torch_distributed_sharding(device), end_step=state.max_steps or None, logged=logged)
+            params=parameter_count(model), sharding=torch_distributed_sharding(device),
+            end_step=state.max_steps or None, logged=logged)
         return {f"{prefix}_{k}": v for k, v in evaluation.metrics.items()}
 
 

@@ -6,7 +6,9 @@ Layout of a store directory (written by ``SalienceCallback(save_dir=...)`` and `
     <dir>/run.json                              the training run that writes the store (training callbacks only):
                                                 {"format": "csv_callback.run/1", "run_id": "<id>"}
     <dir>/losses/<name>.safetensors             one checkpoint: tensor "losses" float32 [n_tokens]
-                                                metadata: format, name, step, tokens_seen, fingerprint, extra (JSON)
+                                                metadata: format, name, step, tokens_seen, params, fingerprint,
+                                                extra (JSON); params (the model's parameter count) is missing
+                                                from files written before it was recorded: read as NaN
 
 A training callback opens its store with the id of its run (``LossStore(root, probe, run_id)``): a fresh
 run claims a new directory by writing ``run.json``, a resumed run restores its id and finds its own, and a
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import warnings
@@ -62,6 +65,8 @@ class LossTable:
         names: ``[m]`` checkpoint names.
         steps: int64 ``[m]`` global steps (-1 where unknown).
         tokens_seen: float64 ``[m]`` training tokens seen (NaN where unknown).
+        params: float64 ``[m]`` parameter count of the evaluated model (NaN where unknown), the N of a scaling law
+            (:mod:`csv_callback.scaling`).
         fingerprint: the probe fingerprint shared by all rows.
         extra: ``[m]`` free-form metadata stored with each row.
     """
@@ -72,6 +77,12 @@ class LossTable:
     tokens_seen: np.ndarray
     fingerprint: str
     extra: list[dict[str, Any]] = field(default_factory=list)
+    params: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        # Tables built before params existed (by callers that do not know it) read as "unknown" throughout.
+        if self.params is None:
+            self.params = np.full(len(self.names), np.nan)
 
 
 def file_name(name: str) -> str:
@@ -187,7 +198,8 @@ class LossStore:
         return self.root / "losses" / file_name(name)
 
     def stored(self, name: str) -> dict[str, Any] | None:
-        """The header (name, step, tokens_seen, fingerprint, extra, n) of the file ``name`` is stored in, or None.
+        """The header (name, step, tokens_seen, params, fingerprint, extra, n) of the file ``name`` is stored in, or
+        None.
 
         The header's name can differ from ``name`` when two names map to one :func:`file_name`.
         """
@@ -205,9 +217,11 @@ class LossStore:
         step: int | None = None,
         tokens_seen: float | None = None,
         extra: dict[str, Any] | None = None,
+        params: float | None = None,
     ) -> Path:
         """Store one checkpoint's finite losses ``[n_tokens]`` (one per scored probe token) atomically, replacing
-        an earlier row of that name.
+        an earlier row of that name. ``tokens_seen`` (D) and ``params`` (N, the model's parameter count) are
+        what a scaling law is fitted on; None records them as unknown.
 
         Raises ValueError for losses of another length, shape or with NaN/inf, and when the file of ``name``
         already holds another checkpoint (two names with one :func:`file_name`): nothing is written then.
@@ -230,18 +244,22 @@ class LossStore:
         try:
             if step is not None and int(step) not in _INT64:
                 raise ValueError(f"step={step} does not fit int64")
+            if params is not None and not (isinstance(params, (int, float, np.number)) and not isinstance(params, bool)
+                                           and math.isfinite(params) and params > 0):
+                raise ValueError(f"params={params!r} is not a positive parameter count")
             meta = {
                 "format": FORMAT,
                 "name": name,
                 "step": str(-1 if step is None else int(step)),
                 "tokens_seen": "nan" if tokens_seen is None else repr(float(tokens_seen)),
+                "params": "nan" if params is None else repr(float(params)),
                 "fingerprint": self.fingerprint,
                 "extra": json.dumps(extra or {}),
             }
         except (TypeError, ValueError) as e:
             raise ValueError(
                 f"the metadata of {name!r} cannot be stored ({e}); pass an int step (within int64), a float "
-                "tokens_seen and an extra dict of JSON values."
+                "tokens_seen, a positive params count (or None) and an extra dict of JSON values."
             ) from e
         path = self.path_for(name)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -319,6 +337,7 @@ def load_losses(
         tokens_seen=np.array([h["tokens_seen"] for h in heads], dtype=np.float64),
         fingerprint=expected,
         extra=[h["extra"] for h in heads],
+        params=np.array([h["params"] for h in heads], dtype=np.float64),
     )
 
 
@@ -358,6 +377,7 @@ def _read_header(path: Path) -> dict[str, Any]:
             "name": meta["name"],
             "step": int(meta["step"]),
             "tokens_seen": float(meta["tokens_seen"]),
+            "params": float(meta.get("params", "nan")),  # not recorded before scaling laws needed it
             "fingerprint": meta["fingerprint"],
             "extra": json.loads(meta["extra"]),
         }

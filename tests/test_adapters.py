@@ -103,6 +103,14 @@ def test_collect_only_saves_the_losses_and_logs_only_the_probe_mean_loss(driver,
     np.testing.assert_allclose(table.losses[-1], losses.numpy(), atol=1e-6)
 
 
+def test_every_stored_evaluation_records_the_model_parameter_count(driver, probe, tmp_path):
+    cb = driver.make(None, probe, save_dir=tmp_path / "store")
+    run = driver.train(tmp_path, cb)
+    table = load_losses(run.save_dir, fingerprint=probe.fingerprint)
+    count = sum(p.numel() for p in run.model.parameters())  # the GPT-2's, its tied embedding once
+    assert table.steps.tolist() == STEPS and table.params.tolist() == [float(count)] * len(STEPS)
+
+
 # ---------------------------------------------------------------------- the same numbers, the same errors
 def test_the_same_weights_give_the_same_numbers_in_both_adapters(probe, tmp_path):
     vectors = [H.plain_vector(probe, "a"), H.plain_vector(probe, "b", seed=1)]

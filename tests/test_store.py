@@ -74,3 +74,22 @@ def test_load_losses_validates_each_file_and_names_it(store, probe, tokenizer):
     ProbeSet.from_texts(["Another probe altogether."], tokenizer, 16).save(store.root / "probe.safetensors")
     with pytest.raises(ProbeMismatchError, match=r"probe.safetensors is probe \w+, but the loss files of"):
         load_losses(store.root)
+
+
+def test_params_are_stored_next_to_tokens_seen_and_unknown_in_files_written_before(store, probe):
+    n = probe.n_tokens
+    store.write("step-3", np.full(n, 4.0, np.float32), step=3, tokens_seen=3072.0, params=84288)
+    # A file written before params were recorded: the same metadata without the key.
+    old = store.path_for("step-0")
+    with safe_open(str(old), framework="pt") as f:
+        meta = {k: v for k, v in f.metadata().items() if k != "params"}
+    atomic_save({"losses": torch.ones(n)}, meta, old)
+    table = load_losses(store.root)
+    assert table.names == ["step-0", "step-1", "step-2", "step-3"]
+    assert np.isnan(table.params[:3]).all() and table.params[3] == 84288.0 and table.params.dtype == np.float64
+    assert table.tokens_seen[3] == 3072.0 and store.stored("step-3")["params"] == 84288.0
+    before = files(store)
+    for bad in (0, -5, float("nan"), float("inf"), "84288", True):
+        with pytest.raises(ValueError, match="positive params count"):
+            store.write("step-4", np.ones(n), step=4, params=bad)
+    assert files(store) == before
