@@ -223,14 +223,7 @@ def forecast_score(
     half = float(norm.ppf(0.5 + level / 2) * math.sqrt(var))
     # The calibration can trust one estimate almost entirely (the mixture term then vanishes), yet it was measured
     # on the fitting runs only: the interval spans both estimates whatever their weights.
-    loss_lo, loss_hi = min(mean - half, m_t, m_p), max(mean + half, m_t, m_p)
-    pred = float(vector.link(mean))
-    link_lo, link_hi = vector.interval(mean, level)
-    # The link is decreasing: the loss interval's high end gives the score's low end.
-    down = math.hypot(pred - float(vector.link(loss_hi)), pred - link_lo)
-    up = math.hypot(float(vector.link(loss_lo)) - pred, link_hi - pred)
-    a, b = vector.score_range
-    return pred, float(np.clip(pred - down, a, b)), float(np.clip(pred + up, a, b))
+    return vector.score_interval(mean, min(mean - half, m_t, m_p), max(mean + half, m_t, m_p), level)
 
 
 def running_forecast(

@@ -394,6 +394,21 @@ class SalienceVector:
             return math.nan
         return conformal_quantile(stored["abs_residuals"], level)
 
+    def score_interval(
+        self, loss: float, loss_lo: float, loss_hi: float, level: float = 0.8
+    ) -> tuple[float, float, float]:
+        """``(pred, lo, hi)`` for a weighted loss that is itself uncertain: known to lie in ``(loss_lo, loss_hi)`` at
+        ``level``, its best value ``loss`` (a forecast, a scaling law's prediction). Each side of the score interval
+        combines in quadrature the move the link makes over the loss interval and the link's own interval at
+        ``loss`` (:meth:`interval`; NaN bounds without stored residuals, as there), clipped to the score range."""
+        pred = float(self.link(loss))
+        link_lo, link_hi = self.interval(loss, level)
+        # The link is decreasing: the loss interval's high end gives the score's low end.
+        down = math.hypot(pred - float(self.link(loss_hi)), pred - link_lo)
+        up = math.hypot(float(self.link(loss_lo)) - pred, link_hi - pred)
+        a, b = self.score_range
+        return pred, float(np.clip(pred - down, a, b)), float(np.clip(pred + up, a, b))
+
     def extrapolates(self, weighted_loss: float | np.ndarray) -> bool | np.ndarray:
         """True where a weighted loss (a float or an array of any shape) lies outside the range seen in fitting.
 

@@ -163,15 +163,7 @@ def predict_score(
     if not isinstance(law, ScalingLaw) or not isinstance(vector, SalienceVector):
         raise ValueError(f"predict_score takes a ScalingLaw and a SalienceVector, got {type(law).__name__} and "
                          f"{type(vector).__name__}.")
-    loss = float(law.predict(params, tokens))
-    loss_lo, loss_hi = law.interval(params, tokens, level)
-    pred = float(vector.link(loss))
-    link_lo, link_hi = vector.interval(loss, level)
-    # The link is decreasing: the loss interval's high end gives the score's low end.
-    down = math.hypot(pred - float(vector.link(loss_hi)), pred - link_lo)
-    up = math.hypot(float(vector.link(loss_lo)) - pred, link_hi - pred)
-    a, b = vector.score_range
-    return pred, float(np.clip(pred - down, a, b)), float(np.clip(pred + up, a, b))
+    return vector.score_interval(float(law.predict(params, tokens)), *law.interval(params, tokens, level), level)
 
 
 def _check_nd(params: Any, tokens: Any) -> tuple[np.ndarray, np.ndarray]:
