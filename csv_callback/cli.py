@@ -7,6 +7,7 @@ Typical session::
     csv-callback fit losses/ --task arc_easy --lmeval lm_eval_out/ --groups 're:^([^/]+)/' --out arc_easy.safetensors
     csv-callback predict losses/ arc_easy.safetensors
     csv-callback forecast run1/probe_losses/ arc_easy.safetensors --end 20000
+    csv-callback scaling ladder/*/probe_losses --vector arc_easy.safetensors --target-params 1e9 --target-tokens 2e10
     csv-callback report arc_easy.safetensors --losses losses/ --tokenizer ./tok --out report/
 """
 
@@ -174,6 +175,29 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default 0.8)")
     s.add_argument("--json", action="store_true", help="print JSON records instead of a table")
     s.set_defaults(func=cmd_forecast)
+
+    s = sub.add_parser("scaling", help="a scaling law of the weighted loss over a ladder of runs, and the score it "
+                       "predicts for a new (N, D)",
+                       description="Fit L(N, D) = E + A / N^alpha + B / D^beta (csv_callback.scaling: the OLMo "
+                       "ladder's step 1, Huber on log residuals) to the vector's weighted losses of the stores' "
+                       "checkpoints (N: the model's parameter count, D: tokens seen, both recorded by the callbacks "
+                       "with every evaluation), then predict the weighted loss and, through the vector's link, the "
+                       "score at --target-params and --target-tokens, each with its interval at --level.")
+    s.add_argument("stores", nargs="+", help="loss store directories, one per run of the ladder (the callbacks' "
+                   "save_dir)")
+    s.add_argument("--vector", required=True, help="salience vector .safetensors fitted on the stores' probe")
+    s.add_argument("--target-params", type=float, required=True, metavar="N",
+                   help="parameter count of the model to predict")
+    s.add_argument("--target-tokens", type=float, required=True, metavar="D", help="its training tokens")
+    s.add_argument("--level", type=float, default=0.8, help="coverage of the intervals, in (0, 1) (default 0.8)")
+    s.add_argument("--final-only", action="store_true",
+                   help="fit each store's final checkpoint only (one point per run) instead of every checkpoint. "
+                   "The right choice to predict a new model size: the checkpoints of one run are correlated, so "
+                   "fitted all together they make the interval too narrow for a new run; it needs 5 or more runs")
+    s.add_argument("--plot", metavar="PNG", help="draw the weighted loss against D per N with the law's curves and "
+                   "the target with its interval")
+    s.add_argument("--json", action="store_true", help="print the law, the points and the prediction as JSON")
+    s.set_defaults(func=cmd_scaling)
 
     s = sub.add_parser("report", help="HTML page + PNGs: cross-validation, fitted link, token salience",
                        description="Write DIR/index.html (self-contained) and PNGs for a fitted vector: predicted vs "
@@ -499,6 +523,105 @@ def _notes() -> Iterator[None]:
         yield
     for message in dict.fromkeys(str(w.message) for w in caught):
         print(f"note: {message}", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------- scaling
+def cmd_scaling(args: argparse.Namespace) -> int:
+    from .scaling import fit_scaling_law, predict_score
+
+    level = check_level(args.level, "--level")
+    target = (args.target_params, args.target_tokens)
+    if not all(np.isfinite(target)) or min(target) <= 0:
+        raise ValueError(f"--target-params and --target-tokens must be positive numbers, got {target}.")
+    plot = _output_file(args.plot, force=True) if args.plot else None
+    sv = SalienceVector.load(args.vector)
+    points = scaling_points(args.stores, sv, args.final_only)
+    N, D, L = (np.array([p[k] for p in points]) for k in ("params", "tokens_seen", "weighted_loss"))
+    if len(points) < 5:
+        raise ValueError(f"a scaling law has 5 parameters, but only {len(points)} checkpoint(s) were found"
+                         + (" with --final-only (one per store)" if args.final_only else "")
+                         + "; pass more runs' stores" + ("" if args.final_only else " or more checkpoints") + ".")
+    law = fit_scaling_law(N, D, L)
+    loss = float(law.predict(*target))
+    loss_lo, loss_hi = law.interval(*target, level)
+    score, score_lo, score_hi = predict_score(law, sv, *target, level)
+    result = {"law": law.to_dict(), "vector": args.vector, "task": sv.task, "metric": sv.metric,
+              "final_only": args.final_only, "level": level, "points": points,
+              "target": {"params": target[0], "tokens": target[1], "weighted_loss": loss, "weighted_loss_lo": loss_lo,
+                         "weighted_loss_hi": loss_hi, "score": score, "score_lo": _no_nan(score_lo),
+                         "score_hi": _no_nan(score_hi)}}
+    if plot is not None:
+        plot_scaling(law, points, result["target"], plot)
+    if args.json:
+        print(json.dumps(result, indent=1))
+        return 0
+    sizes = ", ".join(f"{n:.4g}" for n in np.unique(N))
+    print(f"{law}\nfitted to {len(points)} {'final checkpoints' if args.final_only else 'checkpoints'} of "
+          f"{len({p['store'] for p in points})} store(s); N = {sizes}; D = {D.min():.4g} .. {D.max():.4g}")
+    print(f"at N = {target[0]:.4g}, D = {target[1]:.4g} ({level:g} intervals):")
+    print(f"  weighted loss {loss:.4f}  [{loss_lo:.4f}, {loss_hi:.4f}]")
+    print(f"  {sv.task} {sv.metric} {score:.4f}  [{score_lo:.4f}, {score_hi:.4f}]")
+    if plot is not None:
+        print(f"plot: {plot}")
+    return 0
+
+
+def scaling_points(stores: Sequence[str], sv: SalienceVector, final_only: bool = False) -> list[dict[str, Any]]:
+    """One record per checkpoint of ``stores`` (each store's last by step with ``final_only``): ``store``,
+    ``checkpoint``, ``step``, ``params`` (N), ``tokens_seen`` (D) and ``sv``'s ``weighted_loss``. Checkpoints at
+    ``tokens_seen == 0`` (an evaluation before training) are left out: the law is infinite there."""
+    twice = sorted({s for s in stores if list(map(os.path.realpath, stores)).count(os.path.realpath(s)) > 1})
+    if twice:
+        raise ValueError(f"store {twice[0]} is given twice; name each run's store once.")
+    out = []
+    for store in stores:
+        table = load_losses(store)
+        wl = np.asarray(sv.weighted_loss(table.losses, table.fingerprint), dtype=np.float64).reshape(-1)
+        unknown = [table.names[i] for i in range(len(wl))
+                   if np.isnan(table.params[i]) or np.isnan(table.tokens_seen[i])]
+        if unknown:
+            raise ValueError(
+                f"{store}: checkpoint(s) {unknown[:3]} record no parameter count or no tokens seen, which the law is "
+                "fitted on (N and D). The callbacks record both with every evaluation: SalienceCallback counts "
+                "tokens in the LightningModule attribute tokens_seen_attr, SalienceTrainerCallback needs "
+                "TrainingArguments(include_num_input_tokens_seen=True); for older stores re-collect the losses from "
+                "the checkpoints, or write them again with LossStore.write(..., tokens_seen=D, params=N).")
+        rows = [i for i in range(len(wl)) if table.tokens_seen[i] > 0]
+        if final_only:
+            rows = rows[-1:]  # load_losses sorts a store's rows by step
+        out += [{"store": str(store), "checkpoint": table.names[i], "step": int(table.steps[i]),
+                 "params": float(table.params[i]), "tokens_seen": float(table.tokens_seen[i]),
+                 "weighted_loss": float(wl[i])} for i in rows]
+    return out
+
+
+def plot_scaling(law: Any, points: list[dict[str, Any]], target: dict[str, Any], path: Path) -> None:
+    """Weighted loss against D (log axis), one colour per N: the points, the law's curve for each N and for the
+    target's N, and the target's predicted loss with its interval."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    D = np.array([p["tokens_seen"] for p in points])
+    grid = np.geomspace(D.min(), max(D.max(), target["tokens"]), 200)
+    sizes = sorted({p["params"] for p in points})
+    colours = plt.cm.viridis(np.linspace(0, 0.85, len(sizes)))
+    for n, c in zip(sizes, colours):
+        mine = [p for p in points if p["params"] == n]
+        ax.scatter([p["tokens_seen"] for p in mine], [p["weighted_loss"] for p in mine], color=c, s=16,
+                   label=f"N = {n:.3g}")
+        ax.plot(grid, law.predict(n, grid), color=c, lw=1)
+    ax.plot(grid, law.predict(target["params"], grid), "k--", lw=1, label=f"law at N = {target['params']:.3g}")
+    lo, hi = target["weighted_loss_lo"], target["weighted_loss_hi"]
+    ax.errorbar([target["tokens"]], [target["weighted_loss"]], yerr=[[target["weighted_loss"] - lo],
+                [hi - target["weighted_loss"]]], fmt="k*", ms=10, capsize=4, label="target (interval)")
+    ax.set(xscale="log", xlabel="tokens seen (D)", ylabel="weighted loss", title=str(law).split("  (")[0])
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 # ---------------------------------------------------------------------- report
