@@ -98,7 +98,8 @@ class SalienceCallback(EvaluatorViews, Callback):
     checkpoint. If the checkpoint a run resumes from was written before that step's validation (e.g.
     ``ModelCheckpoint(every_n_train_steps=...)``) and the validation never finished, that step is evaluated
     when training restarts, so the series has no gap; if checkpoints and validations are not aligned this
-    adds a point at the checkpoint's step. A resumed run with more or fewer vectors keeps the history of the
+    adds a point at the checkpoint's step. Not with domain vectors: their losses come from a validation, so that
+    step stays a gap. A resumed run with more or fewer vectors keeps the history of the
     tasks that continue (and warns).
 
     Under DDP the probe's sequences are sharded across ranks and the losses gathered, so every rank logs the
@@ -208,7 +209,9 @@ class SalienceCallback(EvaluatorViews, Callback):
                            "iterable dataset without max_steps), so no forecast is logged; pass forecast_step=... "
                            "to forecast the score at a step of your choice.", category=RuntimeWarning)
         step = int(trainer.global_step)
-        if trainer.ckpt_path is not None and self.evaluator.missed(step):
+        # Domain vectors read the validation's logged losses, which a validation cut short never logged: with them
+        # the step stays a gap rather than a NaN point (or a false "never logged" error at their first one).
+        if trainer.ckpt_path is not None and not self.evaluator.domain_vectors and self.evaluator.missed(step):
             rank_zero_warn(f"SalienceCallback: the checkpoint resumed from ({trainer.ckpt_path}) holds step {step}, "
                            "which this run never evaluated (a validation cut short); evaluating it now.",
                            category=RuntimeWarning)
