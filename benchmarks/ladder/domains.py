@@ -62,8 +62,13 @@ def compare(evaluate: dict, vector: SalienceVector, task: str) -> dict:
     rep = vector.fit_report
     mse = {k: token["mse"][m] for k, m in FROM_EVALUATE.items()}
     mse |= {k: rep["cv_mse"][m] for k, m in FROM_DOMAIN_FIT.items()}
-    return {"mse": mse, "weights": dict(zip(DOMAINS, vector.weights.tolist())), "best_domain": rep["best_domain"],
-            "lam": rep["lam"], "n_checkpoints": rep["n_checkpoints"], "score_noise": token["score_noise"]}
+    # Per held-out mixture, to see which fold an average is made of.
+    y, held = np.asarray(rep["scores"]), np.asarray(rep["groups"])
+    by_mixture = {k: {g: float(np.mean((np.asarray(rep["cv_pred"][m])[held == g] - y[held == g]) ** 2))
+                      for g in sorted(set(held.tolist()))} for k, m in FROM_DOMAIN_FIT.items()}
+    return {"mse": mse, "mse_by_mixture": by_mixture, "weights": dict(zip(DOMAINS, vector.weights.tolist())),
+            "best_domain": rep["best_domain"], "lam": rep["lam"], "n_checkpoints": rep["n_checkpoints"],
+            "score_noise": token["score_noise"]}
 
 
 def main(argv: list[str] | None = None) -> dict:
