@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 from scipy.optimize import minimize
 from scipy.stats import t
+from threadpoolctl import threadpool_limits
 
 from ._checks import as_float_array
 from .salience import SalienceVector, check_level
@@ -135,11 +136,15 @@ def fit_scaling_law(params: Any, tokens: Any, losses: Any, delta: float = 1e-3) 
         return float(loss), grad
 
     best = None
-    for start in _STARTS:
-        res = minimize(objective, np.array(start), jac=True, method="L-BFGS-B", bounds=_BOUNDS,
-                       options={"ftol": 0.0, "gtol": 1e-10, "maxiter": 20000})
-        if np.isfinite(res.fun) and (best is None or res.fun < best.fun - 1e-15):
-            best = res
+    # L-BFGS-B's BLAS calls on 5-vectors: OpenBLAS's threads, spinning between them, made a fit 20x slower on a
+    # busy machine (fit.py limits them for the same reason). Line searches probe steps where exp overflows; the
+    # objective is then inf and the search backs off, so those warnings say nothing about the fit.
+    with threadpool_limits(limits=1, user_api="blas"), np.errstate(over="ignore", invalid="ignore"):
+        for start in _STARTS:
+            res = minimize(objective, np.array(start), jac=True, method="L-BFGS-B", bounds=_BOUNDS,
+                           options={"ftol": 0.0, "gtol": 1e-10, "maxiter": 20000})
+            if np.isfinite(res.fun) and (best is None or res.fun < best.fun - 1e-15):
+                best = res
     a, b, alpha, beta, E = best.x
     law = ScalingLaw(E=float(E), A=float(np.exp(a)), alpha=float(alpha), B=float(np.exp(b)), beta=float(beta),
                      covariance=np.zeros((N_PARAMS, N_PARAMS)).tolist(), log_residual_std=0.0, n_points=len(L))
