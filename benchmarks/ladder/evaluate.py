@@ -159,7 +159,8 @@ def small_to_largest(ladder: Ladder, task: str) -> dict:
             "pred": pred, "actual": y[test], "largest": largest, "prior": sv.fit_report["prior"],
             "interval": coverage(bands, y[test]),
             "score_noise": float(np.mean(ladder.stderr[task][test] ** 2)),
-            "extrapolating": {"flagged": int(flagged.sum()), "of": int(test.sum()), "csv_mse_in_range": in_range}}
+            "extrapolating": {"flagged": int(flagged.sum()), "of": int(test.sum()), "csv_mse_in_range": in_range},
+            "vector": sv}
 
 
 def coverage(bands: dict[float, tuple[np.ndarray, np.ndarray]], y: np.ndarray) -> dict[str, dict]:
