@@ -125,6 +125,28 @@ class CrashAt(pl.Callback):
             raise RuntimeError("node lost")
 
 
+def crashed_then_resumed(tmp: Path, make_callback) -> pl.Callback:
+    """A 12-step run (validations every 2 steps, checkpoints when they end, CSV logs ``csv/version_0``) that dies in
+    step 8, so its last checkpoint is the one of the validation at step 6; then the run resumed from that
+    checkpoint (``csv/version_1``) to the end. ``make_callback()`` builds each run's callback; returns the resumed
+    run's. 6 batches per epoch: the data resumes exactly where it was."""
+    import pytest
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.loggers import CSVLogger
+
+    def run(version: int, extra: list, ckpt_path=None) -> pl.Callback:
+        cb = make_callback()
+        ckpt = ModelCheckpoint(dirpath=tmp / "ckpt", save_last=True)
+        logger = CSVLogger(str(tmp), name="csv", version=version)
+        trainer(tmp, [cb, ckpt, *extra], max_steps=12, val_every=2, logger=logger).fit(
+            TinyLM(), *loaders(n_train=48), ckpt_path=ckpt_path)
+        return cb
+
+    with pytest.raises(RuntimeError, match="node lost"):
+        run(0, [CrashAt(7)])
+    return run(1, [], ckpt_path=tmp / "ckpt" / "last.ckpt")
+
+
 def trainer(tmp: Path, callbacks: list, max_steps: int = 8, val_every: int = 2, logger=None, **kw) -> pl.Trainer:
     """A CPU trainer validating every ``val_every`` steps, with a CSVLogger under ``tmp`` unless given."""
     if logger is None:

@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger
 
 from csv_callback import ProbeMismatchError, ProbeSet, token_losses
 from csv_callback.callback import SalienceCallback
@@ -243,19 +242,8 @@ def test_model_checkpoint_selects_the_best_predicted_score(probe, tmp_path):
 # ---------------------------------------------------------------------- resume
 def test_resumed_run_continues_the_series_without_gaps_or_duplicates(probe, tmp_path):
     v = H.plain_vector(probe)
-
-    def run(version: int, extra: list, ckpt_path=None) -> SalienceCallback:
-        cb = SalienceCallback(v, probe, save_dir=tmp_path / "store")
-        ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
-        logger = CSVLogger(str(tmp_path), name="csv", version=version)
-        H.trainer(tmp_path, [cb, ckpt, *extra], max_steps=12, val_every=2, logger=logger).fit(
-            H.TinyLM(), *H.loaders(n_train=48), ckpt_path=ckpt_path)
-        return cb
-
     # The first run dies in step 8: its last checkpoint is the one of the validation at step 6.
-    with pytest.raises(RuntimeError, match="node lost"):
-        run(0, [H.CrashAt(7)])
-    cb = run(1, [], ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    cb = H.crashed_then_resumed(tmp_path, lambda: SalienceCallback(v, probe, save_dir=tmp_path / "store"))
     assert [r["step"] for r in cb.history] == [2, 4, 6, 8, 10, 12]
     first = H.read_csv_metrics(tmp_path / "csv/version_0", "csv/plumb/pred")  # raises on a duplicated step
     second = H.read_csv_metrics(tmp_path / "csv/version_1", "csv/plumb/pred")

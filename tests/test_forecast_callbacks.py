@@ -23,9 +23,8 @@ import lightning_helpers as H
 import numpy as np
 import pytest
 from adapter_drivers import DRIVERS
-from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
-from lightning.pytorch.loggers import CSVLogger
 from offline_helpers import one_torch_thread
 
 from csv_callback import ProbeSet, SalienceVector
@@ -232,20 +231,8 @@ def test_a_run_without_a_planned_end_warns_and_forecasts_nothing_unless_given_a_
 # ---------------------------------------------------------------------- Lightning: resume
 def test_a_resumed_run_forecasts_from_the_history_in_its_checkpoint(probe, tmp_path):
     vector = prior_vector(probe)
-
-    def run(version: int, extra: list, ckpt_path=None) -> SalienceCallback:
-        cb = SalienceCallback(vector, probe, model_attr="model")
-        ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
-        logger = CSVLogger(str(tmp_path), name="csv", version=version)
-        H.trainer(tmp_path, [cb, ckpt, *extra], max_steps=12, val_every=2, logger=logger).fit(
-            H.TinyLM(), *H.loaders(n_train=48), ckpt_path=ckpt_path)
-        return cb
-
-    # Dies in step 8: the last checkpoint is the validation at step 6's (6 batches per epoch, so the data resumes
-    # exactly where it was).
-    with pytest.raises(RuntimeError, match="node lost"):
-        run(0, [H.CrashAt(7)])
-    resumed = run(1, [], ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    # Dies in step 8: the last checkpoint is the validation at step 6's.
+    resumed = H.crashed_then_resumed(tmp_path, lambda: SalienceCallback(vector, probe, model_attr="model"))
     straight = SalienceCallback(vector, probe, model_attr="model")
     H.trainer(tmp_path / "straight", [straight], max_steps=12, val_every=2).fit(H.TinyLM(), *H.loaders(n_train=48))
 
