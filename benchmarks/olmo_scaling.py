@@ -249,6 +249,16 @@ def markdown(rows: list[dict[str, Any]], means: dict[str, Any]) -> str:
     lines.append("| **mean, 8 main** | " + " | ".join(cells) + " |")
     lines += ["", f"\\* Not in the paper's 8-task main set (not in the means). Published chain from task bpb, 13B: "
               f"{means['13B-5T']['published_bpb']['mean_abs_err_points']:.2f} points."]
+    lines += ["", "Step 1 alone per intermediate feature: (pred - actual) / actual of the target's feature (80% "
+              "interval covers: y/n).", "",
+              "| task | " + " | ".join(f"{t.split('-')[0]} {m}" for t in TARGETS for m in CHAINS) + " |",
+              "| --- |" + " ---: |" * (len(TARGETS) * len(CHAINS))]
+    for r in rows:
+        cells = [f"{100 * r[t]['step1'][m]['rel_err']:+.2f}% {'y' if r[t]['step1'][m]['covers'] else 'n'}"
+                 for t in TARGETS for m in CHAINS]
+        lines.append(f"| {r['task']}{'' if r['main_set'] else '*'} | " + " | ".join(cells) + " |")
+    cells = [f"**{100 * means[t][m]['step1_mean_abs_rel_err']:.2f}%**" for t in TARGETS for m in CHAINS]
+    lines.append("| **mean abs, 8 main** | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
