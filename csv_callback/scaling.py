@@ -37,7 +37,10 @@ from .salience import SalienceVector, check_level
 N_PARAMS = 5
 _AI2_START = (3.0, 6.0, 0.1, 0.2, 1.0)  # (a, b, alpha, beta, E) of the OLMo ladder's step 1
 _STARTS = (_AI2_START, (5.0, 8.0, 0.3, 0.3, 0.5), (1.0, 3.0, 0.05, 0.1, 1.5), (8.0, 10.0, 0.5, 0.5, 0.0))
-_BOUNDS = [(None, None), (None, None), (0.0, None), (0.0, None), (0.0, None)]
+# AI2's fit leaves a, b and the exponents unbounded above. With few sizes an exponent is barely determined and the
+# optimiser can trade it against the amplitude until exp(a) overflows; real laws have exponents well below 3
+# (Chinchilla's ~0.3), and |a|, |b| <= 200 keeps exp() finite for N, D up to 1e30.
+_BOUNDS = [(-200.0, 200.0), (-200.0, 200.0), (0.0, 3.0), (0.0, 3.0), (0.0, None)]
 
 
 @dataclass(frozen=True)
@@ -152,7 +155,9 @@ def fit_scaling_law(params: Any, tokens: Any, losses: Any, delta: float = 1e-3) 
     dof = len(L) - N_PARAMS
     s2 = float(resid @ resid / dof) if dof > 0 else 0.0
     J = _log_gradient(law, N, D)
-    free = np.array([True, True, alpha > 1e-9, beta > 1e-9, E > 1e-9])
+    # A parameter at a bound is held fixed: its column says nothing about the spread of the others.
+    free = np.array([lo is None or v > lo + 1e-9 for v, (lo, _) in zip(best.x, _BOUNDS)])
+    free &= np.array([hi is None or v < hi - 1e-9 for v, (_, hi) in zip(best.x, _BOUNDS)])
     cov = np.zeros((N_PARAMS, N_PARAMS))
     cov[np.ix_(free, free)] = s2 * np.linalg.pinv(J[:, free].T @ J[:, free])
     return ScalingLaw(law.E, law.A, law.alpha, law.B, law.beta, cov.tolist(), math.sqrt(s2), len(L))
