@@ -8,9 +8,11 @@ where ``x_j`` ``[n]`` are checkpoint ``j``'s per-token losses and ``y_j`` its sc
 weights towards the prior; with m checkpoints << n tokens it is what keeps the fit from memorising. Two
 priors: ``"uniform"``, whose ``lam -> inf`` limit is plain loss averaging (the paper's baseline), and, when
 the probe marks answer tokens, ``"answer"``, which puts most of its mass on them, so that its limit is close
-to the answer-token loss (the "label" baseline). ``lam`` and the prior are chosen together by
-cross-validation over whole groups (runs or data mixtures), since the question is whether a vector
-transfers to a mixture it has not seen.
+to the answer-token loss (the "label" baseline). When nothing marks them (plain text), ``"screened"`` priors
+put that mass on the tokens that each training set's own checkpoints single out (see
+:func:`_screened_priors`). ``lam`` and the prior are chosen together by cross-validation over whole groups
+(runs or data mixtures), since the question is whether a vector transfers to a mixture it has not seen;
+loss averaging itself is a candidate too.
 
 This module checks the input, makes the folds, fits the links (the baselines' and each path's start) and
 chooses ``lam`` and the prior; :mod:`csv_callback.solver` solves the regularisation paths.
@@ -26,6 +28,7 @@ from typing import Any
 import numpy as np
 from scipy.optimize import least_squares
 from scipy.special import log_softmax
+from scipy.stats import rankdata
 from threadpoolctl import threadpool_limits
 
 from ._checks import as_float_array, as_float_tuple, require_int, require_str
@@ -48,7 +51,13 @@ from .solver import Centred, Prior, State, centre, matvec, solve_paths
 # Strengths relative to the score variance (the objective's MSE is divided by it); the largest keeps w
 # close to uniform, the smallest barely regularises.
 _LAMBDA_GRID = tuple(float(x) for x in np.logspace(0, -4.5, 10))
-PRIORS = ("uniform", "answer")
+PRIORS = ("uniform", "answer", "screened")
+# The screens (_screened_priors): a statistic and the share of the probe's tokens (at least _MIN_SCREENED) that
+# get ANSWER_PRIOR_MASS. Few of them, since each adds a path per fold and a choice to the cross-validation; the
+# shares are the two that did best for their statistic on the ladder (3.5% is the issue's 300 of 8,557 tokens).
+_SCREENS = (("rank", 0.035), ("residual", 0.01))
+_MIN_SCREENED = 10
+_SCREEN_BLOCK_ELEMENTS = 2**19  # float32 columns per block of the screening products: bounded temporaries
 # Fewest (loss, score) points a link is fitted to, the anchor aside. Fewer than its 4 parameters leave the fit
 # to the bounds and the start, which is what cross-validating 3 checkpoints (2 per fit) has always meant; one
 # point has no slope at all.
@@ -159,8 +168,13 @@ def fit_salience(
         seed: an int >= 0, the seed of the random folds (without groups).
         priors: what the weights are pulled towards, from :data:`PRIORS`: ``"uniform"`` (every scored token
             alike) and ``"answer"`` (:data:`~csv_callback.solver.ANSWER_PRIOR_MASS` of the mass spread over the
-            answer tokens, the rest over the others). Default: both when the answer mask marks some but not all
-            tokens, else ``"uniform"``.
+            answer tokens, the rest over the others) and ``"screened"`` (the same share over the tokens whose loss
+            best explains, over each fold's training checkpoints, what loss averaging leaves unexplained, or
+            whose loss falls most with the score's rank: a few sizes, each its own candidate). Default for a
+            token vector: ``"uniform"`` and ``"answer"`` when the answer mask marks some but not all tokens,
+            ``"uniform"`` and ``"screened"`` without an answer mask, else ``"uniform"``; for a domain vector
+            ``"uniform"``. A screened candidate (or loss averaging, which is one whenever ``"uniform"`` is)
+            replaces the fixed priors' choice only when it is better by more than a standard error over the folds.
         anchor: ``(loss, score)``, one extra point every link (csv's and the baselines') must fit like a
             checkpoint, e.g. ``(0.0, 1.0)``: a model with zero loss scores 1, as the OLMo ladder's step 2
             assumes. It pins the top of the curve when no fitting checkpoint comes near it. Default: none.
@@ -180,8 +194,11 @@ def fit_salience(
         A :class:`SalienceVector`, with the score range it was fitted for, whose ``fit_report`` holds
         ``cv_mse`` and ``cv_mae`` for ``"csv"``,
         ``"uniform"`` (mean loss + link: loss averaging) and, with an answer mask, ``"label"`` (answer-token
-        loss + link), all under the same folds, plus the chosen ``prior`` and ``lam`` and the held-out
-        predictions, and (``interval``) csv's sorted absolute held-out residuals, from which
+        loss + link), all under the same folds, plus the chosen ``prior`` and ``lam`` (``inf`` when loss
+        averaging itself was chosen: ``prior`` "uniform" at its limit), the CV MSE along each fixed prior's path
+        (``cv_mse_path``), each screen's (``cv_mse_screened``, keyed ``"<statistic>:<tokens>"``, with the chosen
+        one as ``screened``) and loss averaging's (``cv_mse_exact``), and the held-out predictions, and
+        (``interval``) csv's sorted absolute held-out residuals, from which
         :meth:`SalienceVector.predict_interval` makes split-conformal intervals. The csv error is honest about
         those choices: fold f's predictions use the prior and
         ``lam`` that did best on the other folds. Per checkpoint it also holds the score (``scores``), fold
@@ -189,7 +206,8 @@ def fit_salience(
         (``weighted_loss``): what a report needs to redraw the fit.
     """
     X, y, rng, labels, fold_of, answer, priors = _validate_fit_inputs(losses, scores, groups, probe, answer_mask,
-                                                                      task, metric, n_folds, seed, priors, score_range)
+                                                                      task, metric, n_folds, seed, priors, score_range,
+                                                                      domains is None)
     anchor = _validate_anchor(anchor, rng)
     if domains is not None:
         if probe is not None or answer_mask is not None:
@@ -215,7 +233,6 @@ def _fit(
     baselines = {"uniform": centred.mean}
     if answer is not None:
         baselines["label"] = centred.answer_mean
-    priors = [Prior.named(name, answer, n) for name in prior_names]
 
     cv_pred: dict[str, np.ndarray] = {}
     for name, L in baselines.items():
@@ -230,35 +247,75 @@ def _fit(
             column, link = _best_column(X[tr], y[tr], rng, anchor)
             cv_pred["domain"][~tr] = link(X[~tr, column])
 
-    # Per prior, one path per fold plus the final fit's (all rows), all solved together; the final fit at the
-    # chosen lam is that path's state there, exactly what a path truncated at that lam would end on.
+    # The candidates cross-validation chooses among. Paths: per family, one path per fold plus the final fit's
+    # (all rows), all solved together; the final fit at the chosen lam is that path's state there, exactly what
+    # a path truncated at that lam would end on. A fixed prior is the same on every training set; a screened
+    # prior is made from each training set's own rows (_screened_priors), so no fold's choice sees its held-out
+    # scores.
     trains = [fold_of != f for f in range(n_f)] + [np.ones(m, bool)]
-    paths = _fit_paths(X, centred, y, [(tr, pr) for pr in priors for tr in trains], lams, rng, anchor)
-    # path_pred[k * len(lams) + i, j]: prediction for checkpoint j from its fold's fit with priors[k] at lams[i].
-    path_pred = np.empty((len(priors) * len(lams), m))
-    for k in range(len(priors)):
+    families: list[tuple[str, list[Prior]]] = [
+        (name, [Prior.named(name, answer, n)] * len(trains)) for name in prior_names if name != "screened"]
+    if "screened" in prior_names:
+        families += _screened_priors(X, y, trains, centred.mean, rng, anchor)
+    # The fixed priors' paths are solved together, as they always were; each screened family on its own after
+    # them. Its paths' [n] working arrays then replace, not add to, the others': a blind fit's memory stays
+    # that of one family's paths, for one more pass of rounds.
+    fixed = [fam for name, fam in families if not name.startswith("screened")]
+    paths = _fit_paths(X, centred, y, [(tr, pr) for fam in fixed for tr, pr in zip(trains, fam)], lams, rng, anchor)
+    for _, fam in families[len(fixed):]:
+        paths += _fit_paths(X, centred, y, list(zip(trains, fam)), lams, rng, anchor)
+    # The exact candidate: loss averaging, the uniform prior's lam -> inf limit, which the path only approaches
+    # (its grid stops at lam = 1), so that csv is chosen from a set that contains the baseline (token vectors
+    # only: a domain vector's numbers are its paths'). The answer tokens' loss is not one: it is the limit of
+    # an answer prior with all its mass on them, it would be chosen wherever the marks are the whole story (as
+    # on synthetic data, where the fit's job is to come close to it), and with the marks the answer paths
+    # already come within noise of it on the ladder (BENCHMARKS.md, section blind).
+    exact = [] if domains is not None or "uniform" not in prior_names else ["uniform"]
+    # pred[c, j]: prediction for checkpoint j from its fold's fit with candidate c: family k at lams[i] is row
+    # k * len(lams) + i, then the exact candidates. The fixed priors' rows come first: the choice they make
+    # stands unless a later row is clearly better (_choose).
+    n_paths = len(families) * len(lams)
+    n_kept = len(fixed) * len(lams) or n_paths
+    pred = np.empty((n_paths + len(exact), m))
+    for k in range(len(families)):
         for f in range(n_f):
             held = fold_of == f
             for i, state in enumerate(paths[k * len(trains) + f]):
-                path_pred[k * len(lams) + i, held] = state.link(state.loss[held])
-    fold_mse = np.stack([((path_pred[:, fold_of == f] - y[fold_of == f]) ** 2).mean(axis=1) for f in range(n_f)], 1)
+                pred[k * len(lams) + i, held] = state.link(state.loss[held])
+    for c, base in enumerate(exact):
+        pred[n_paths + c] = cv_pred[base]
+    fold_mse = np.stack([((pred[:, fold_of == f] - y[fold_of == f]) ** 2).mean(axis=1) for f in range(n_f)], 1)
     cv_pred["csv"] = np.empty(m)
     for f in range(n_f):
-        others = np.delete(fold_mse, f, axis=1).mean(axis=1)
-        cv_pred["csv"][fold_of == f] = path_pred[int(np.argmin(others)), fold_of == f]
-    best_k, best = divmod(int(np.argmin(fold_mse.mean(axis=1))), len(lams))
-    prior = priors[best_k]
-    final = paths[best_k * len(trains) + n_f][best]
-    weights = np.exp(log_softmax(matvec(final.coef, X) + prior.log_p(answer, n)))
+        cv_pred["csv"][fold_of == f] = pred[_choose(np.delete(fold_mse, f, axis=1), n_kept), fold_of == f]
+    best_c = _choose(fold_mse, n_kept)
+    cv_candidates = fold_mse.mean(axis=1)
+    if best_c < n_paths:
+        best_k, best = divmod(best_c, len(lams))
+        family, prior = families[best_k][0], families[best_k][1][-1]
+        prior_name = family.split(":")[0]
+        final = paths[best_k * len(trains) + n_f][best]
+        weights, link, lam = np.exp(log_softmax(matvec(final.coef, X) + prior.log_p(answer, n))), final.link, lams[best]
+    else:
+        prior_name = exact[best_c - n_paths]
+        weights = np.full(n, 1.0 / n)
+        link, lam, family = _fit_link(baselines[prior_name], y, rng, anchor), math.inf, prior_name
 
     wl = matvec(weights, X.T)
-    cv_path = fold_mse.mean(axis=1).reshape(len(priors), len(lams))
+    cv_path = cv_candidates[:n_paths].reshape(len(families), len(lams))
     report = {
-        "prior": prior.name,
+        "prior": prior_name,
         "anchor": None if anchor is None else list(anchor),
-        "lam": lams[best],
+        "lam": lam,
         "lam_path": lams,
-        "cv_mse_path": {pr.name: row.tolist() for pr, row in zip(priors, cv_path)},
+        "cv_mse_path": {name: row.tolist() for (name, _), row in zip(families, cv_path)
+                        if not name.startswith("screened")},
+        **({} if "screened" not in prior_names else {
+            "cv_mse_screened": {name.split(":", 1)[1]: row.tolist()
+                                for (name, _), row in zip(families, cv_path) if name.startswith("screened")},
+            # the chosen screen, "<statistic>:<tokens>", or None
+            "screened": family.split(":", 1)[1] if family.startswith("screened") else None}),
+        **({} if not exact else {"cv_mse_exact": dict(zip(exact, cv_candidates[n_paths:].tolist()))}),
         "cv_mse": {k: float(np.mean((p - y) ** 2)) for k, p in cv_pred.items()},
         "cv_mae": {k: float(np.mean(np.abs(p - y))) for k, p in cv_pred.items()},
         "cv_pred": {k: p.tolist() for k, p in cv_pred.items()},
@@ -266,7 +323,7 @@ def _fit(
         "folds": fold_of.tolist(),
         "groups": None if labels is None else labels.tolist(),
         "cv": "random" if labels is None else "groups",
-        "train_mse": float(np.mean((final.link(wl) - y) ** 2)),
+        "train_mse": float(np.mean((link(wl) - y) ** 2)),
         "effective_tokens": float(np.exp(-np.sum(weights * np.log(np.maximum(weights, 1e-300))))),
         "n_checkpoints": m,
         **({} if domains is None else {"best_domain": domains[_best_column(X, y, rng, anchor)[0]]}),
@@ -278,7 +335,7 @@ def _fit(
     }
     sv = SalienceVector(
         weights=weights,
-        link=final.link,
+        link=link,
         task=task,
         metric=metric,
         probe_fingerprint=probe.fingerprint if probe is not None else "",
@@ -292,6 +349,88 @@ def _fit(
     seen = [sv.weighted_loss(row) for row in X]  # one float64 row at a time: no float64 copy of X
     report["weighted_loss"] = seen
     return replace(sv, loss_range=(min(seen), max(seen)))
+
+
+def _choose(fold_mse: np.ndarray, n_kept: int) -> int:
+    """The candidate (row of ``fold_mse`` ``[candidates, folds]``, each fold's held-out MSE) chosen: the first
+    ``n_kept`` rows are the fixed priors' (prior, lam) points, chosen as they always were, by the least mean
+    MSE over the folds; a later row (a screened prior's point, an exact baseline) replaces that choice only when
+    its mean MSE is lower by more than one standard error of their paired per-fold differences, and then the
+    lowest such row is chosen. Where the two are within the folds' spread of each other the choice a fit
+    without the new candidates makes is kept, so that adding candidates does not add selection noise to what
+    was fine (the issue's "never worse than today"); with a single fold there is no spread to judge by."""
+    mean = fold_mse.mean(axis=1)
+    best = int(np.argmin(mean[:n_kept]))
+    if fold_mse.shape[1] < 2 or len(mean) == n_kept:
+        return best
+    diff = fold_mse[n_kept:] - fold_mse[best]  # [new candidates, folds]
+    clear = diff.mean(axis=1) + diff.std(axis=1, ddof=1) / math.sqrt(fold_mse.shape[1]) < 0
+    if not clear.any():
+        return best
+    return n_kept + int(np.argmin(np.where(clear, mean[n_kept:], np.inf)))
+
+
+def _screened_priors(
+    X: np.ndarray, y: np.ndarray, trains: Sequence[np.ndarray], mean: np.ndarray, rng: tuple[float, float],
+    anchor: tuple[float, float] | None,
+) -> list[tuple[str, list[Prior]]]:
+    """Per screen of :data:`_SCREENS` (a statistic, a share of the tokens), a family of screened priors, one per
+    training set of ``trains`` (bool ``[m]`` each), each made from that set's rows only: the prior's marked
+    tokens are the share whose loss correlates most negatively (Pearson, over the set's checkpoints) with
+
+    - ``"rank"``: the rank of the score, as the perplexity-correlation estimators of Thrush et al. 2024
+      (arXiv 2409.05816) rank-correlate domains with scores (ranking y, not X, keeps it one product), or
+    - ``"residual"``: what loss averaging leaves unexplained, ``y - link(mean)`` (``mean`` ``[m]``: each
+      checkpoint's mean loss; the link fitted to the set's rows as the "uniform" baseline's is): the first
+      step of a forward stagewise fit started from loss averaging, the uniform prior's limit.
+
+    Both, since neither finds every skill: on a skill that emerges abruptly (ladder_arith, at chance for 90% of
+    the checkpoints) the score's ranks are noise almost everywhere and none of its 57 answer tokens is among the
+    300 best by rank, 40 are by residual; on ladder_pattern rank finds 21 of 49, residual 26, yet the rank
+    screen transferred better across mixtures (BENCHMARKS.md, section blind). Returns ``(name, priors)`` per
+    screen, ``name`` being ``"screened:<statistic>:<tokens>"``.
+    """
+    targets = {"rank": [rankdata(y[tr]) for tr in trains],
+               "residual": [y[tr] - _fit_link(mean[tr], y[tr], rng, anchor)(mean[tr]) for tr in trains]}
+    stats = sorted({stat for stat, _ in _SCREENS})
+    corr = _correlations(X, trains * len(stats), [v for stat in stats for v in targets[stat]])  # float32 [S T, n]
+    n, T = X.shape[1], len(trains)
+    families = []
+    for stat, frac in _SCREENS:
+        k = min(n - 1, max(_MIN_SCREENED, round(frac * n)))
+        family = []
+        for c in corr[stats.index(stat) * T : (stats.index(stat) + 1) * T]:
+            mask = np.zeros(n, bool)
+            mask[np.argsort(c, kind="stable")[:k]] = True  # ties between tokens break by position
+            family.append(Prior.marked("screened", mask, X[:, mask].mean(axis=1, dtype=np.float64)))
+        families.append((f"screened:{stat}:{k}", family))
+    return families
+
+
+def _correlations(X: np.ndarray, trains: Sequence[np.ndarray], targets: Sequence[np.ndarray]) -> np.ndarray:
+    """float32 ``[T, n]``: per training set (bool ``[m]``) and its target (``[rows of the set]``), each token's
+    Pearson correlation over the set's rows of its loss (``X`` ``[m, n]``) with the target; 0 for a token whose
+    loss, or a target that, is constant there. Three products per column block of ``X`` serve every set: no
+    copy of ``X``, and bounded float32 temporaries."""
+    m, n = X.shape
+    share = np.zeros((len(trains), m), X.dtype)  # each set's mean over its rows
+    target = np.zeros((len(trains), m), X.dtype)  # each set's centred, unit-norm target, zero off its rows
+    for t, (tr, v) in enumerate(zip(trains, targets)):
+        share[t, tr] = 1.0 / tr.sum()
+        v = v - v.mean()
+        norm = np.linalg.norm(v)
+        target[t, tr] = v / norm if norm > 0 else 0.0
+    rows = np.array([tr.sum() for tr in trains], float)[:, None]
+    out = np.empty((len(trains), n), np.float32)
+    block = max(1024, _SCREEN_BLOCK_ELEMENTS // m)
+    for a in range(0, n, block):
+        Xb = X[:, a : a + block]
+        mean = (share @ Xb).astype(np.float64)
+        var = np.maximum((share @ (Xb * Xb)).astype(np.float64) - mean**2, 0.0)
+        std = np.sqrt(var * rows)  # the norm of each token's centred losses over the set's rows
+        cov = (target @ Xb).astype(np.float64)  # the targets are centred: no mean to subtract
+        out[:, a : a + block] = np.divide(cov, std, out=np.zeros_like(cov), where=std > 0)
+    return out
 
 
 def _best_column(
@@ -318,7 +457,8 @@ def _fit_paths(
 
 
 # ---------------------------------------------------------------------- validation and folds
-def _validate_fit_inputs(losses, scores, groups, probe, answer_mask, task, metric, n_folds, seed, priors, score_range):
+def _validate_fit_inputs(losses, scores, groups, probe, answer_mask, task, metric, n_folds, seed, priors, score_range,
+                         token):
     require_str(task, "task")
     if n_folds is not None:
         require_int(n_folds, "n_folds", 2)
@@ -351,7 +491,7 @@ def _validate_fit_inputs(losses, scores, groups, probe, answer_mask, task, metri
         if not answer.any():
             answer = None  # a plain-text probe has no answer tokens: no "label" baseline
     labels = None if groups is None else _group_labels(m, groups)
-    return X, y, rng, labels, _folds(m, labels, n_folds, seed), answer, _prior_names(priors, answer)
+    return X, y, rng, labels, _folds(m, labels, n_folds, seed), answer, _prior_names(priors, answer, token)
 
 
 def _score_range(y: np.ndarray, metric: str, declared: Any) -> tuple[float, float]:
@@ -405,11 +545,15 @@ def _validate_anchor(anchor: Any, rng: tuple[float, float]) -> tuple[float, floa
     return loss, score
 
 
-def _prior_names(priors: Sequence[str] | None, answer: np.ndarray | None) -> tuple[str, ...]:
+def _prior_names(priors: Sequence[str] | None, answer: np.ndarray | None, token: bool) -> tuple[str, ...]:
     # With every token an answer, the "answer" prior is the uniform one: fitting it again would only cost time.
+    # Screening is the default only where nothing marks the answers: the marks, where given, say what it would
+    # guess; and a domain vector's few columns are each a whole validation set, nothing to screen.
     proper_subset = answer is not None and not answer.all()
     if priors is None:
-        return PRIORS if proper_subset else ("uniform",)
+        if proper_subset:
+            return ("uniform", "answer")
+        return ("uniform", "screened") if token and answer is None else ("uniform",)
     try:
         names = tuple(priors) if not isinstance(priors, str) else (priors,)
     except TypeError:  # not iterable

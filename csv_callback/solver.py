@@ -18,7 +18,7 @@ import math
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from scipy.optimize import Bounds, minimize
@@ -41,12 +41,19 @@ _SHARDS = 2
 
 @dataclass(frozen=True)
 class Prior:
-    """A prior over the tokens with two levels: ``log p`` is ``log_answer`` on answer tokens and
-    ``log_other`` elsewhere (both the same for the uniform prior), so no ``[n]`` array is kept per path."""
+    """A prior over the tokens with two levels: ``log p`` is ``log_answer`` on its marked tokens and
+    ``log_other`` elsewhere (both the same for the uniform prior), so no float ``[n]`` array is kept per path.
+
+    The marked tokens are the probe's answer tokens (``mask`` None), or the prior's own ``mask`` (bool ``[n]``,
+    with ``mask_mean`` float64 ``[m]``, each checkpoint's mean loss over it): a screened prior marks the tokens
+    that one fold's training checkpoints single out (see :func:`csv_callback.fit.fit_salience`).
+    """
 
     name: str
     log_answer: float
     log_other: float
+    mask: np.ndarray | None = field(default=None, compare=False, repr=False)
+    mask_mean: np.ndarray | None = field(default=None, compare=False, repr=False)
 
     @staticmethod
     def named(name: str, answer: np.ndarray | None, n: int) -> Prior:
@@ -55,22 +62,40 @@ class Prior:
         n_answer = 0 if answer is None else int(answer.sum())
         if name == "uniform" or n_answer == n:  # every token an answer: the answer prior is the uniform one
             return Prior(name, -math.log(n), -math.log(n))
-        return Prior(name, math.log(ANSWER_PRIOR_MASS / n_answer), math.log((1 - ANSWER_PRIOR_MASS) / (n - n_answer)))
+        return Prior(name, *_two_levels(n_answer, n))
+
+    @staticmethod
+    def marked(name: str, mask: np.ndarray, mask_mean: np.ndarray) -> Prior:
+        """``ANSWER_PRIOR_MASS`` spread over the tokens of ``mask`` (bool ``[n]``, some but not all), the rest over
+        the others; ``mask_mean`` float64 ``[m]`` is each checkpoint's mean loss over the marked tokens."""
+        return Prior(name, *_two_levels(int(mask.sum()), len(mask)), mask=mask, mask_mean=mask_mean)
+
+    def marks(self, answer: np.ndarray | None) -> np.ndarray | None:
+        """bool ``[n]``: the tokens at ``log_answer`` (its own mask, else the answer tokens ``answer``)."""
+        return self.mask if self.mask is not None else answer
 
     def log_p(self, answer: np.ndarray | None, n: int) -> np.ndarray:
-        """float64 ``[n]``: ``log p`` of every token."""
-        if answer is None or self.log_answer == self.log_other:
+        """float64 ``[n]``: ``log p`` of every token (``answer``: the probe's answer tokens, or None)."""
+        marks = self.marks(answer)
+        if marks is None or self.log_answer == self.log_other:
             return np.full(n, self.log_other)
-        return np.where(answer, self.log_answer, self.log_other)
+        return np.where(marks, self.log_answer, self.log_other)
 
     def mean_loss(self, centred: Centred) -> np.ndarray:
         """float64 ``[m]``: each checkpoint's loss averaged under this prior (the weighted loss at ``w = p``)."""
-        if centred.answer is None or self.log_answer == self.log_other:
+        marked_mean = self.mask_mean if self.mask is not None else centred.answer_mean
+        marks = self.marks(centred.answer)
+        if marks is None or self.log_answer == self.log_other:
             return centred.mean
-        # The other tokens' mean follows from the overall and the answer tokens' means: no pass over X.
-        n, n_answer = len(centred.answer), int(centred.answer.sum())
-        other_mean = (n * centred.mean - n_answer * centred.answer_mean) / (n - n_answer)
-        return ANSWER_PRIOR_MASS * centred.answer_mean + (1 - ANSWER_PRIOR_MASS) * other_mean
+        # The other tokens' mean follows from the overall and the marked tokens' means: no pass over X.
+        n, n_marked = len(marks), int(marks.sum())
+        other_mean = (n * centred.mean - n_marked * marked_mean) / (n - n_marked)
+        return ANSWER_PRIOR_MASS * marked_mean + (1 - ANSWER_PRIOR_MASS) * other_mean
+
+
+def _two_levels(n_marked: int, n: int) -> tuple[float, float]:
+    """``(log_answer, log_other)``: ``ANSWER_PRIOR_MASS`` over ``n_marked`` of ``n`` tokens, the rest elsewhere."""
+    return math.log(ANSWER_PRIOR_MASS / n_marked), math.log((1 - ANSWER_PRIOR_MASS) / (n - n_marked))
 
 
 @dataclass
@@ -255,10 +280,16 @@ class _LockStep:
     ) -> None:
         self.X, self.paths, self.pool = X, paths, pool
         self.log_other = np.array([path.prior.log_other for path in paths])
-        # log p - log_other is delta on answer tokens, 0 elsewhere: added to the answer tokens' columns for all
-        # paths at once, and not at all when every prior is uniform.
+        # log p - log_other is delta on a path's marked tokens, 0 elsewhere: added where a path's row of `marks`
+        # is set, for all paths in one call, and not at all when every prior is uniform. One bool [P, n], not a
+        # float [P, n] of log p: paths differ in their marks (screened priors) but each has two levels.
         delta = np.array([path.prior.log_answer for path in paths]) - self.log_other
-        self.delta, self.answer = (delta, answer) if answer is not None and delta.any() else (None, None)
+        self.delta, self.marks = None, None
+        if delta.any():
+            self.delta, self.marks = delta, np.zeros((len(paths), X.shape[1]), bool)
+            for p, path in enumerate(paths):
+                if delta[p]:
+                    self.marks[p] = path.prior.marks(answer)
         m, n = X.shape
         self.block = max(256, _BLOCK_ELEMENTS // m)
         edges = np.linspace(0, -(-n // self.block), _SHARDS + 1).round().astype(int) * self.block
@@ -392,9 +423,9 @@ class _LockStep:
 
     def _apply_prior_excess(self, op: np.ufunc, rows: np.ndarray, a: int) -> None:
         """``rows = op(rows, log p - log_other)`` in place for ``rows`` ``[P, w]`` of tokens ``a:a + w``, ``op`` being
-        ``np.add`` or ``np.subtract``: each path's ``delta`` on the answer tokens; the others' excess is 0, so they
+        ``np.add`` or ``np.subtract``: each path's ``delta`` on its marked tokens; the others' excess is 0, so they
         are left as they are."""
-        op(rows, self.delta[:, None], out=rows, where=self.answer[None, a : a + rows.shape[1]])
+        op(rows, self.delta[:, None], out=rows, where=self.marks[:, a : a + rows.shape[1]])
 
     def _blocks(self, lo: int, hi: int):
         for a in range(lo, hi, self.block):
