@@ -390,6 +390,8 @@ def _screened_priors(
     screen transferred better across mixtures (BENCHMARKS.md, section blind). Returns ``(name, priors)`` per
     screen, ``name`` being ``"screened:<statistic>:<tokens>"``.
     """
+    if X.shape[1] < 2:  # one token: nothing to single out
+        return []
     targets = {"rank": [rankdata(y[tr]) for tr in trains],
                "residual": [y[tr] - _fit_link(mean[tr], y[tr], rng, anchor)(mean[tr]) for tr in trains]}
     stats = sorted({stat for stat, _ in _SCREENS})

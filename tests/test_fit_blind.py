@@ -83,3 +83,8 @@ def test_domain_vectors_get_neither_screening_nor_the_exact_candidate(ladder):
     sv = fit_salience(X, ladder.scores, groups=ladder.groups, domains=["a", "b", "c"])
     assert "cv_mse_screened" not in sv.fit_report and "cv_mse_exact" not in sv.fit_report
     assert set(sv.fit_report["cv_mse_path"]) == {"uniform"}
+
+
+def test_a_blind_fit_of_a_single_token_has_nothing_to_screen(ladder):
+    sv = fit_salience(ladder.losses[:, :1], ladder.scores, groups=ladder.groups)
+    assert sv.fit_report["cv_mse_screened"] == {} and sv.weights.tolist() == [1.0]
