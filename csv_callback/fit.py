@@ -12,7 +12,7 @@ to the answer-token loss (the "label" baseline). When nothing marks them (plain 
 put that mass on the tokens that each training set's own checkpoints single out (see
 :func:`_screened_priors`). ``lam`` and the prior are chosen together by cross-validation over whole groups
 (runs or data mixtures), since the question is whether a vector transfers to a mixture it has not seen;
-loss averaging itself is a candidate too.
+the baselines these priors nest, loss averaging and (with marks) the answer tokens' loss, are candidates too.
 
 This module checks the input, makes the folds, fits the links (the baselines' and each path's start) and
 chooses ``lam`` and the prior; :mod:`csv_callback.solver` solves the regularisation paths.
@@ -173,8 +173,9 @@ def fit_salience(
             whose loss falls most with the score's rank: a few sizes, each its own candidate). Default for a
             token vector: ``"uniform"`` and ``"answer"`` when the answer mask marks some but not all tokens,
             ``"uniform"`` and ``"screened"`` without an answer mask, else ``"uniform"``; for a domain vector
-            ``"uniform"``. A screened candidate (or loss averaging, which is one whenever ``"uniform"`` is)
-            replaces the fixed priors' choice only when it is better by more than a standard error over the folds.
+            ``"uniform"``. A screened candidate, or an exact baseline (loss averaging whenever ``"uniform"`` is a
+            prior, the answer tokens' loss whenever ``"answer"`` is), replaces the fixed priors' choice only when it
+            is better by more than a standard error over the folds.
         anchor: ``(loss, score)``, one extra point every link (csv's and the baselines') must fit like a
             checkpoint, e.g. ``(0.0, 1.0)``: a model with zero loss scores 1, as the OLMo ladder's step 2
             assumes. It pins the top of the curve when no fitting checkpoint comes near it. Default: none.
@@ -194,10 +195,11 @@ def fit_salience(
         A :class:`SalienceVector`, with the score range it was fitted for, whose ``fit_report`` holds
         ``cv_mse`` and ``cv_mae`` for ``"csv"``,
         ``"uniform"`` (mean loss + link: loss averaging) and, with an answer mask, ``"label"`` (answer-token
-        loss + link), all under the same folds, plus the chosen ``prior`` and ``lam`` (``inf`` when loss
-        averaging itself was chosen: ``prior`` "uniform" at its limit), the CV MSE along each fixed prior's path
-        (``cv_mse_path``), each screen's (``cv_mse_screened``, keyed ``"<statistic>:<tokens>"``, with the chosen
-        one as ``screened``) and loss averaging's (``cv_mse_exact``), and the held-out predictions, and
+        loss + link), all under the same folds, plus the chosen ``prior`` and ``lam`` (``inf`` when an exact
+        baseline was chosen: ``prior`` "uniform", loss averaging, or "label", the answer tokens' loss, whose weights
+        are then even over the answer tokens), the CV MSE along each fixed prior's path (``cv_mse_path``), each
+        screen's (``cv_mse_screened``, keyed ``"<statistic>:<tokens>"``, with the chosen one as ``screened``) and
+        the exact baselines' (``cv_mse_exact``), and the held-out predictions, and
         (``interval``) csv's sorted absolute held-out residuals, from which
         :meth:`SalienceVector.predict_interval` makes split-conformal intervals. The csv error is honest about
         those choices: fold f's predictions use the prior and
@@ -257,20 +259,19 @@ def _fit(
         (name, [Prior.named(name, answer, n)] * len(trains)) for name in prior_names if name != "screened"]
     if "screened" in prior_names:
         families += _screened_priors(X, y, trains, centred.mean, rng, anchor)
-    # The fixed priors' paths are solved together, as they always were; each screened family on its own after
-    # them. Its paths' [n] working arrays then replace, not add to, the others': a blind fit's memory stays
-    # that of one family's paths, for one more pass of rounds.
+    # Every family's paths are solved together: one pass over X per round serves them all (a round costs a fixed
+    # part plus a little per path, BENCHMARKS.md section core), where a solve per family paid the fixed part per
+    # family. Their working arrays (solve_paths: float64 [paths, n]) stay small beside X once m is in the
+    # hundreds.
     fixed = [fam for name, fam in families if not name.startswith("screened")]
-    paths = _fit_paths(X, centred, y, [(tr, pr) for fam in fixed for tr, pr in zip(trains, fam)], lams, rng, anchor)
-    for _, fam in families[len(fixed):]:
-        paths += _fit_paths(X, centred, y, list(zip(trains, fam)), lams, rng, anchor)
-    # The exact candidate: loss averaging, the uniform prior's lam -> inf limit, which the path only approaches
-    # (its grid stops at lam = 1), so that csv is chosen from a set that contains the baseline (token vectors
-    # only: a domain vector's numbers are its paths'). The answer tokens' loss is not one: it is the limit of
-    # an answer prior with all its mass on them, it would be chosen wherever the marks are the whole story (as
-    # on synthetic data, where the fit's job is to come close to it), and with the marks the answer paths
-    # already come within noise of it on the ladder (BENCHMARKS.md, section blind).
-    exact = [] if domains is not None or "uniform" not in prior_names else ["uniform"]
+    paths = _fit_paths(X, centred, y, [(tr, pr) for _, fam in families for tr, pr in zip(trains, fam)], lams, rng,
+                       anchor)
+    # The exact candidates: loss averaging, the uniform prior's lam -> inf limit, which the path only approaches
+    # (its grid stops at lam = 1), and, with the "answer" prior, the answer tokens' loss, the limit of an answer
+    # prior with all its mass on them, which no path reaches: so that csv is chosen from a set that contains the
+    # baselines it nests (token vectors only: a domain vector's numbers are its paths').
+    exact = [] if domains is not None else [
+        base for base, prior in (("uniform", "uniform"), ("label", "answer")) if prior in prior_names]
     # pred[c, j]: prediction for checkpoint j from its fold's fit with candidate c: family k at lams[i] is row
     # k * len(lams) + i, then the exact candidates. The fixed priors' rows come first: the choice they make
     # stands unless a later row is clearly better (_choose).
@@ -298,7 +299,7 @@ def _fit(
         weights, link, lam = np.exp(log_softmax(matvec(final.coef, X) + prior.log_p(answer, n))), final.link, lams[best]
     else:
         prior_name = exact[best_c - n_paths]
-        weights = np.full(n, 1.0 / n)
+        weights = np.full(n, 1.0 / n) if prior_name == "uniform" else answer / answer.sum()
         link, lam, family = _fit_link(baselines[prior_name], y, rng, anchor), math.inf, prior_name
 
     wl = matvec(weights, X.T)
