@@ -3,9 +3,11 @@ the data kept beside the clone (``../shared``), which CI has and a user's clone 
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
@@ -62,6 +64,21 @@ def shared_file() -> Callable[[str], Path]:
         pytest.skip(f"{need}; it is there in CI, not in a plain clone")
 
     return find
+
+
+@pytest.fixture(scope="session")
+def benchmark_script() -> Callable[[str], ModuleType]:
+    """``benchmark_script("olmo_link.py")``: that script under ``benchmarks/`` loaded as a module, so that the
+    evidence tests run the benchmarks' own code (``benchmarks/`` is not a package)."""
+
+    def load(relative: str) -> ModuleType:
+        path = Path(__file__).resolve().parents[1] / "benchmarks" / relative
+        spec = importlib.util.spec_from_file_location(relative.removesuffix(".py").replace("/", "_"), path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load
 
 
 @pytest.fixture

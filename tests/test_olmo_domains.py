@@ -7,7 +7,6 @@ numbers committed in ``benchmarks/results/olmo_domains.json`` (and BENCHMARKS.md
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -19,16 +18,9 @@ COMMITTED = REPO / "benchmarks" / "results" / "olmo_domains.json"
 TOL = 1e-4  # accuracy as a fraction: 0.01 points, as tests/test_olmo_link.py
 
 
-def _olmo_domains():
-    spec = importlib.util.spec_from_file_location("olmo_domains", REPO / "benchmarks" / "olmo_domains.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
-def od():
-    return _olmo_domains()
+def od(benchmark_script):
+    return benchmark_script("olmo_domains.py")
 
 
 @pytest.fixture(scope="module")

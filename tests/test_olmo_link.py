@@ -7,26 +7,17 @@ task by task.
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
 TOL = 1e-4  # accuracy as a fraction: 0.01 points
 
 
-def _olmo_link():
-    spec = importlib.util.spec_from_file_location("olmo_link", REPO / "benchmarks" / "olmo_link.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
-def olmo():
-    return _olmo_link()
+def olmo(benchmark_script):
+    return benchmark_script("olmo_link.py")
 
 
 @pytest.fixture(scope="module")

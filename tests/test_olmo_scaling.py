@@ -9,7 +9,6 @@ come out again. The data lives beside the clone (``../shared/data/olmo-ladder``,
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -23,16 +22,9 @@ PRED_RTOL = 1e-3  # the same fit: predictions equal the published ones to 0.1% r
 TOL = 1e-4  # accuracy as a fraction: 0.01 points, as tests/test_olmo_domains.py
 
 
-def _olmo_scaling():
-    spec = importlib.util.spec_from_file_location("olmo_scaling", REPO / "benchmarks" / "olmo_scaling.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
-def osc():
-    return _olmo_scaling()
+def osc(benchmark_script):
+    return benchmark_script("olmo_scaling.py")
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ three of its tasks must give the committed held-out errors, and the committed su
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -23,16 +22,9 @@ REL = 1e-6
 TASKS = ("bigbench_qa_wikidata", "hellaswag", "boolq")
 
 
-def _evaluate_module():
-    spec = importlib.util.spec_from_file_location("openlm_evaluate", REPO / "benchmarks" / "openlm" / "evaluate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
-def openlm():
-    return _evaluate_module()
+def openlm(benchmark_script):
+    return benchmark_script("openlm/evaluate.py")
 
 
 @pytest.fixture(scope="module")
