@@ -244,22 +244,21 @@ def test_anchor_pins_the_top_of_the_link_when_no_checkpoint_comes_near_it(ladder
     salient_loss = ladder.losses[:, ladder.salient].mean(1, dtype=np.float64)
     y = 0.25 + 0.75 * expit(-3.0 * (salient_loss - 2.6))
     low = y < 0.6
-    # Marks half right (the salient tokens and as many others), so that the label baseline is no oracle whose exact
-    # loss would let any link extrapolate: the fit's own weights carry the prediction.
-    marks = ladder.salient.copy()
-    marks[np.flatnonzero(~ladder.salient)[: ladder.salient.sum()]] = True
-    kw = {"groups": ladder.groups[low], "answer_mask": marks}
-    free = fit_salience(ladder.losses[low], y[low], **kw)
-    pinned = fit_salience(ladder.losses[low], y[low], anchor=(0.0, 1.0), **kw)
+    # Scores with sampling noise, as lm-eval's are (sd 0.02): noiseless ones of the exact feature (the answer
+    # tokens' loss, a candidate) would let a free link find its top from the low end alone.
+    noisy = np.clip(y + 0.02 * np.random.default_rng(0).standard_normal(len(y)), 0, 1)
+    kw = {"groups": ladder.groups[low], "answer_mask": ladder.salient}
+    free = fit_salience(ladder.losses[low], noisy[low], **kw)
+    pinned = fit_salience(ladder.losses[low], noisy[low], anchor=(0.0, 1.0), **kw)
     assert free.fit_report["anchor"] is None and pinned.fit_report["anchor"] == [0.0, 1.0]
     assert pinned.link(0.0) == pytest.approx(1.0, abs=1e-3)
 
     def mse(sv):
         return float(np.mean((sv.predict(ladder.losses[~low]) - y[~low]) ** 2))
 
-    assert mse(pinned) < 1e-4 and mse(pinned) < 0.1 * mse(free)  # measured: 2.3e-6 and 1.0e-4
+    assert mse(pinned) < 1e-3 and mse(pinned) < 0.1 * mse(free)  # measured: 5.2e-5 and 4.8e-2 to 5.9e-2
     # The baselines' links are anchored too, so csv is compared with them on equal terms.
-    rep, mean_loss, y_low = pinned.fit_report, ladder.losses[low].mean(1, dtype=np.float64), y[low]
+    rep, mean_loss, y_low = pinned.fit_report, ladder.losses[low].mean(1, dtype=np.float64), noisy[low]
     held = np.array(rep["folds"]) == 0
     want = fit_link(mean_loss[~held], y_low[~held], anchor=(0.0, 1.0))(mean_loss[held])
     assert np.allclose(np.array(rep["cv_pred"]["uniform"])[held], want)
