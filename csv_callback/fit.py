@@ -263,7 +263,6 @@ def _fit(
     # part plus a little per path, BENCHMARKS.md section core), where a solve per family paid the fixed part per
     # family. Their working arrays (solve_paths: float64 [paths, n]) stay small beside X once m is in the
     # hundreds.
-    fixed = [fam for name, fam in families if not name.startswith("screened")]
     paths = _fit_paths(X, centred, y, [(tr, pr) for _, fam in families for tr, pr in zip(trains, fam)], lams, rng,
                        anchor)
     # The exact candidates: loss averaging, the uniform prior's lam -> inf limit, which the path only approaches
@@ -276,7 +275,7 @@ def _fit(
     # k * len(lams) + i, then the exact candidates. The fixed priors' rows come first: the choice they make
     # stands unless a later row is clearly better (_choose).
     n_paths = len(families) * len(lams)
-    n_kept = len(fixed) * len(lams) or n_paths
+    n_kept = sum(not name.startswith("screened") for name, _ in families) * len(lams) or n_paths
     pred = np.empty((n_paths + len(exact), m))
     for k in range(len(families)):
         for f in range(n_f):
@@ -455,8 +454,6 @@ def _fit_paths(
     under its prior (the weighted loss at ``w = p``)."""
     starts = [_fit_link(prior.mean_loss(centred)[train], y[train], rng, anchor) for train, prior in specs]
     return solve_paths(X, centred, y, [(*spec, start) for spec, start in zip(specs, starts)], lams, rng, anchor)
-
-
 
 
 # ---------------------------------------------------------------------- validation and folds
